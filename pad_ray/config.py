@@ -1,0 +1,341 @@
+"""One typed, validated configuration for every stage, with presets per (dataset, IPC).
+
+A run config is YAML: an optional `preset:` name, then any sections to override. The preset is
+deep-merged under the file and the result is validated by the pydantic models below; every
+failure becomes a one-line `ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config or input: printed as one line by the CLI, exit code 2."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    dataset: Literal["mnist", "cifar10", "cifar100", "tinyimagenet"]
+    root: str = "../shared/data"
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    zca: bool = True
+    # Small CPU runs take a per-class subset of train and a random subset of test.
+    train_per_class: int | None = Field(None, ge=2)
+    test_size: int | None = Field(None, ge=1)
+
+
+class ModelConfig(Section):
+    name: Literal["convnet"] = "convnet"
+    width: int = Field(128, ge=1)
+    depth: int = Field(3, ge=1, le=6)
+    norm: Literal["instancenorm", "batchnorm", "none"] = "instancenorm"
+
+
+class DifficultyConfig(Section):
+    """EL2N: K short runs of the agent model, scores averaged; or an external index file."""
+
+    seeds: int = Field(5, ge=1)
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(0.01, gt=0)
+    batch_size: int = Field(256, ge=1)
+    index_file: str | None = None
+
+
+class RemovalStep(Section):
+    after_epoch: int = Field(ge=0)
+    easiest_fraction: float = Field(ge=0.0, lt=1.0)
+
+
+class ScheduleConfig(Section):
+    init_ratio: float = Field(0.75, gt=0.0, le=1.0)  # IR
+    add_end_epoch: int = Field(20, ge=0)  # AEE
+    remove: tuple[RemovalStep, ...] = (
+        RemovalStep(after_epoch=40, easiest_fraction=0.1),
+        RemovalStep(after_epoch=60, easiest_fraction=0.2),
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScheduleConfig:
+        epochs = [r.after_epoch for r in self.remove]
+        if epochs != sorted(set(epochs)):
+            raise ValueError("remove: after_epoch values must be strictly increasing")
+        fractions = [r.easiest_fraction for r in self.remove]
+        if fractions != sorted(fractions):
+            raise ValueError("remove: easiest_fraction must not decrease")
+        return self
+
+
+class ExpertConfig(Section):
+    num_experts: int = Field(100, ge=1)
+    epochs: int = Field(100, ge=1)
+    optimizer: Literal["sgd", "gsam"] = "gsam"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1)
+    rho: float = Field(0.01, ge=0)
+    gsam_alpha: float = Field(0.3, ge=0)
+    adaptive: bool = True
+    dsa: bool = True
+
+
+class DistillConfig(Section):
+    ipc: int = Field(ge=1)
+    alpha: float = Field(ge=0.0, lt=1.0)
+    selection: Literal["depth", "loss", "none"] = "depth"
+    syn_steps: int = Field(ge=1)  # N
+    expert_epochs: int = Field(ge=1)  # M
+    min_start_epoch: int = Field(ge=0)  # T-
+    current_max_start_epoch: int = Field(ge=1)  # T
+    max_start_epoch: int = Field(ge=1)  # T+
+    interval: int = Field(100, ge=1)  # outer iterations per +1 of the start-epoch upper bound
+    batch_syn: int = Field(ge=1)
+    lr_img: float = Field(gt=0)
+    lr_lr: float = Field(gt=0)
+    lr_y: float = Field(gt=0)
+    lr_teacher: float = Field(0.01, gt=0)  # initial syn_lr
+    momentum_img: float = Field(0.5, ge=0, lt=1)
+    momentum_lr: float = Field(0.5, ge=0, lt=1)
+    momentum_y: float = Field(0.9, ge=0, lt=1)
+    threshold: float = Field(1.0, gt=0)
+    iterations: int = Field(10000, ge=0)
+    eval_every: int = Field(500, ge=1)
+    eval_nets: int = Field(1, ge=1)  # nets per evaluation during distillation (DATM uses 1)
+    pix_init: Literal["correct", "real", "noise"] = "correct"
+    gradient: Literal["unrolled", "constant_memory"] = "unrolled"
+    dsa: bool = True
+
+    @model_validator(mode="after")
+    def _window(self) -> DistillConfig:
+        if not self.min_start_epoch < self.current_max_start_epoch <= self.max_start_epoch:
+            raise ValueError(
+                "need min_start_epoch < current_max_start_epoch <= max_start_epoch, got "
+                f"{self.min_start_epoch}, {self.current_max_start_epoch}, {self.max_start_epoch}"
+            )
+        return self
+
+    @property
+    def expansion_end_iteration(self) -> int:
+        """DATM's expansion_end_epoch, in outer iterations (Part A §2)."""
+        return self.interval * (self.max_start_epoch - self.current_max_start_epoch)
+
+
+class EvalConfig(Section):
+    num_nets: int = Field(5, ge=1)
+    epochs: int = Field(1000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    models: tuple[Literal[
+        "convnet", "convnet_bn", "resnet18", "resnet18_bn", "vgg11", "alexnet", "lenet", "mlp"
+    ], ...] = ("convnet",)
+    dsa: bool = True
+
+
+class RunConfig(Section):
+    preset: str | None = None
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "runs"
+    store_dir: str = "runs/store"  # content-addressed difficulty orders and expert trajectories
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    difficulty: DifficultyConfig = DifficultyConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    experts: ExpertConfig = ExpertConfig()
+    distill: DistillConfig
+    evaluate: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _fits_experts(self) -> RunConfig:
+        epochs = self.experts.epochs
+        if self.schedule.add_end_epoch > epochs:
+            raise ValueError(
+                f"schedule.add_end_epoch: {self.schedule.add_end_epoch} is beyond experts.epochs ({epochs})"
+            )
+        late = [r.after_epoch for r in self.schedule.remove if r.after_epoch >= epochs]
+        if late:
+            raise ValueError(
+                f"schedule.remove: after_epoch {late[0]} never happens with experts.epochs={epochs}"
+            )
+        need = self.distill.max_start_epoch + self.distill.expert_epochs
+        if need > epochs:
+            raise ValueError(
+                f"distill.max_start_epoch + distill.expert_epochs = {need} exceeds experts.epochs ({epochs})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: Table 7 of the paper for IR, AEE, alpha, N, M, T-/T/T+, interval, batch_syn and the
+# label/pixel learning rates; lr_lr, threshold, eval interval and pixel init from the released
+# configs (pad-spec Part A §2, Part B §4). CPU presets for MNIST are ours.
+# --------------------------------------------------------------------------------------------
+
+def _paper(dataset, ipc, aee, alpha, n, m, t_min, t, t_max, interval, batch_syn, lr_y, lr_img,
+           lr_lr, *, threshold=1.0, eval_every=500, pix_init="correct") -> dict[str, Any]:
+    # T == T+ means no growing window; any interval then leaves the bound constant.
+    return {
+        "data": {"dataset": dataset},
+        "model": {"depth": 4 if dataset == "tinyimagenet" else 3},
+        "schedule": {"init_ratio": 0.75, "add_end_epoch": aee},
+        "distill": {
+            "ipc": ipc, "alpha": alpha, "syn_steps": n, "expert_epochs": m,
+            "min_start_epoch": t_min, "current_max_start_epoch": t, "max_start_epoch": t_max,
+            "interval": interval or 100, "batch_syn": batch_syn, "lr_y": lr_y, "lr_img": lr_img,
+            "lr_lr": lr_lr, "threshold": threshold, "eval_every": eval_every, "pix_init": pix_init,
+        },
+    }
+
+
+_PAPER_PRESETS = {
+    "cifar10-ipc1": _paper("cifar10", 1, 20, 0.0, 80, 2, 0, 4, 4, None, 10, 5, 100, 1e-7, threshold=1.1),
+    "cifar10-ipc10": _paper("cifar10", 10, 20, 0.25, 80, 2, 0, 10, 20, 100, 100, 2, 100, 1e-5),
+    "cifar10-ipc50": _paper("cifar10", 50, 20, 0.25, 80, 2, 0, 20, 40, 100, 500, 2, 1000, 1e-5),
+    "cifar10-ipc500": _paper("cifar10", 500, 20, 0.5, 80, 2, 40, 60, 60, None, 1000, 10, 50, 1e-5,
+                             eval_every=1000),
+    "cifar10-ipc1000": _paper("cifar10", 1000, 20, 0.75, 80, 2, 40, 60, 60, None, 1000, 10, 50, 1e-5,
+                              eval_every=1000),
+    "cifar100-ipc1": _paper("cifar100", 1, 40, 0.0, 40, 3, 0, 10, 20, 100, 100, 10, 1000, 1e-5),
+    "cifar100-ipc10": _paper("cifar100", 10, 40, 0.25, 80, 2, 0, 20, 40, 100, 1000, 10, 1000, 1e-5),
+    "cifar100-ipc50": _paper("cifar100", 50, 40, 0.5, 80, 2, 40, 60, 80, 100, 1000, 10, 1000, 1e-5,
+                             pix_init="real"),
+    "cifar100-ipc100": _paper("cifar100", 100, 40, 0.5, 80, 2, 40, 80, 80, None, 1000, 10, 50, 1e-5),
+    "tinyimagenet-ipc1": _paper("tinyimagenet", 1, 40, 0.0, 60, 2, 0, 15, 30, 400, 200, 10, 10000, 1e-4),
+    "tinyimagenet-ipc10": _paper("tinyimagenet", 10, 40, 0.25, 60, 2, 0, 20, 40, 100, 250, 10, 100, 1e-4),
+    "tinyimagenet-ipc50": _paper("tinyimagenet", 50, 40, 0.5, 80, 2, 20, 40, 60, 100, 250, 10, 100, 1e-4),
+}
+
+
+def _mnist_cpu(ipc: int, *, train_per_class: int, test_size: int, width: int, num_experts: int,
+               expert_epochs: int, iterations: int, eval_epochs: int) -> dict[str, Any]:
+    """A CPU-sized PAD run on the real MNIST: same algorithm, smaller everything."""
+    return {
+        "data": {"dataset": "mnist", "train_per_class": train_per_class, "test_size": test_size,
+                 "val_fraction": 0.1, "zca": False},
+        "model": {"width": width},
+        "difficulty": {"seeds": 2, "epochs": 2, "batch_size": 128},
+        "schedule": {"init_ratio": 0.75, "add_end_epoch": 2,
+                     "remove": [{"after_epoch": expert_epochs - 2, "easiest_fraction": 0.1}]},
+        "experts": {"num_experts": num_experts, "epochs": expert_epochs, "optimizer": "sgd",
+                    "batch_size": 128},
+        "distill": {
+            "ipc": ipc, "alpha": 0.1, "syn_steps": 10, "expert_epochs": 2, "min_start_epoch": 0,
+            "current_max_start_epoch": 2, "max_start_epoch": expert_epochs - 2, "interval": 10,
+            "batch_syn": 10 * ipc, "lr_img": 100, "lr_lr": 1e-5, "lr_y": 2, "threshold": 1.1,
+            "iterations": iterations, "eval_every": max(1, iterations // 2),
+        },
+        "evaluate": {"num_nets": 2, "epochs": eval_epochs, "batch_size": 128},
+    }
+
+
+_CPU_PRESETS = {
+    "smoke": _mnist_cpu(1, train_per_class=40, test_size=500, width=16, num_experts=2,
+                        expert_epochs=6, iterations=6, eval_epochs=30),
+    "mnist-ipc1": _mnist_cpu(1, train_per_class=300, test_size=2000, width=32, num_experts=4,
+                             expert_epochs=8, iterations=60, eval_epochs=200),
+    "mnist-ipc10": _mnist_cpu(10, train_per_class=300, test_size=2000, width=32, num_experts=4,
+                              expert_epochs=8, iterations=60, eval_epochs=200),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {**_PAPER_PRESETS, **_CPU_PRESETS}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    """One line for the first pydantic error: the dotted key, what is wrong, a suggestion if misspelt."""
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        allowed = _fields_at(model, loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(sorted(allowed))}"
+        return f"{key}: unknown key{suggestion}"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("value_error", "assertion_error") and not loc:
+        return msg
+    given = error.get("input")
+    shown = f" (got {given!r})" if not isinstance(given, (dict, list)) else ""
+    return f"{key}: {msg}{shown}"
+
+
+def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
+    for part in path:
+        if part.isdigit():
+            continue
+        annotation = model.model_fields[part].annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        model = next(a for a in inner if isinstance(a, type) and issubclass(a, BaseModel))
+    return list(model.model_fields)
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Apply the preset named in `raw` (if any) under `raw`, then validate."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    preset = raw.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            hint = difflib.get_close_matches(str(preset), PRESETS, n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(PRESETS)}"
+            raise ConfigError(f"{source}: preset: unknown preset {preset!r}{extra}")
+        raw = deep_merge(PRESETS[preset], raw)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        # A misspelt key also shows up as its correct twin "missing": report the misspelling.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise ConfigError(f"{source}: {_describe(errors[0], RunConfig)}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    return {} if data is None else data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    raw = read_yaml(path)
+    if overrides:
+        raw = deep_merge(raw, overrides) if isinstance(raw, dict) else raw
+    return build_config(raw, str(path))
+
+
+def to_dict(config: BaseModel) -> dict[str, Any]:
+    """Plain, YAML-safe dict of a config (tuples become lists)."""
+    return config.model_dump(mode="json")

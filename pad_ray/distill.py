@@ -1,0 +1,268 @@
+"""PAD distillation: learn synthetic images, soft labels and a step size by matching expert trajectories.
+
+Each outer iteration: take the next expert (shuffled, without replacement), draw a start epoch s
+from DATM's growing window, run the student from snapshot s for N steps on the synthetic set, match
+it against snapshot s + M with the PAD-masked loss, and update images, labels and syn_lr (skipped
+when the loss is above the threshold). The whole state can be checkpointed and resumed exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pad_ray import files
+from pad_ray.augment import DSA
+from pad_ray.config import ConfigError, RunConfig
+from pad_ray.data import Dataset
+from pad_ray.evaluate import Scores, SyntheticSet, evaluate
+from pad_ray.experts import seeded_model
+from pad_ray.matching import GRADIENT_PATHS, plan_steps
+from pad_ray.models import FlatParams
+from pad_ray.runtime import derive_seed, generator
+
+Trajectory = np.ndarray  # [epochs + 1, P] float32; memory-mapped file or object-store buffer
+
+
+class DivergenceError(RuntimeError):
+    """Distillation diverged (non-finite loss, or a step size that is no longer positive)."""
+
+
+def _snapshot(trajectory: Trajectory, epoch: int, device: torch.device) -> torch.Tensor:
+    # A copy: buffers from files and the object store are read-only.
+    return torch.tensor(np.asarray(trajectory[epoch]), device=device)
+
+
+def _logits(net: FlatParams, flat: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([net.forward(flat, x) for x in images.split(256)])
+
+
+def initial_images(cfg: RunConfig, data: Dataset, net: FlatParams, finals: list[torch.Tensor],
+                   gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """`ipc` images per class, class-contiguous: real samples some expert classifies correctly
+    (`correct`), random real samples (`real`) or N(0, 1) noise (`noise`)."""
+    ipc, train = cfg.distill.ipc, data.train
+    chosen = []
+    for c in range(data.num_classes):
+        members = torch.nonzero(train.labels == c).flatten()
+        if len(members) < ipc:
+            raise ConfigError(f"distill.ipc: {ipc} is larger than class {c} ({len(members)} training samples)")
+        members = members[torch.randperm(len(members), generator=gen)]
+        if cfg.distill.pix_init == "correct":
+            members = _correct_first(net, finals, train.images[members].to(device), c, ipc, members)
+        chosen.append(members[:ipc])
+    images = train.images[torch.cat(chosen)].to(device)
+    if cfg.distill.pix_init == "noise":
+        images = torch.randn(images.shape, generator=gen).to(device)
+    return images
+
+
+def _correct_first(net: FlatParams, finals: list[torch.Tensor], images: torch.Tensor, label: int,
+                   ipc: int, members: torch.Tensor) -> torch.Tensor:
+    """Reorder `members` so that samples an expert predicts correctly come first, taken expert by
+    expert as the reference does; samples no expert gets right follow."""
+    picked: list[int] = []
+    remaining = torch.ones(len(members), dtype=torch.bool)
+    for final in finals:
+        correct = (_logits(net, final, images).argmax(dim=1) == label).cpu() & remaining
+        take = torch.nonzero(correct).flatten()[: ipc - len(picked)]
+        picked += take.tolist()
+        remaining[take] = False
+        if len(picked) == ipc:
+            break
+    order = torch.tensor(picked + torch.nonzero(remaining).flatten().tolist(), dtype=torch.long)
+    return members[order]
+
+
+def initial_labels(net: FlatParams, finals: list[torch.Tensor], images: torch.Tensor,
+                   hard: torch.Tensor) -> torch.Tensor:
+    """DATM's soft labels: per image, the mean logits of the experts that classify it correctly
+    (of all experts where none does)."""
+    all_logits = torch.stack([_logits(net, f, images) for f in finals])  # [E, n, C]
+    correct = (all_logits.argmax(dim=2) == hard.to(all_logits.device)).float()  # [E, n]
+    none = correct.sum(dim=0) == 0
+    correct[:, none] = 1.0
+    return (correct.unsqueeze(2) * all_logits).sum(dim=0) / correct.sum(dim=0).unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    iteration: int
+    loss: float
+    skipped: bool
+    syn_lr: float
+    expert: int
+    start_epoch: int
+
+
+class Distiller:
+    """The distillation state and one outer iteration (`step`)."""
+
+    def __init__(self, cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], device: torch.device):
+        if not trajectories:
+            raise ConfigError("experts.num_experts: distillation needs at least one expert trajectory")
+        self.cfg, self.data, self.trajectories, self.device = cfg, data, trajectories, device
+        d = cfg.distill
+        model = seeded_model(cfg.model, data.channels, data.num_classes, data.image_size, 0).to(device)
+        self.net = FlatParams(model)
+        self.dsa = DSA() if d.dsa else None
+        self.gen = generator(derive_seed(cfg.seed, "distill"))
+
+        finals = [_snapshot(t, len(t) - 1, device) for t in trajectories]
+        hard = torch.arange(data.num_classes).repeat_interleave(d.ipc)
+        images = initial_images(cfg, data, self.net, finals, self.gen, device)
+        self.images = images.detach().clone().requires_grad_()
+        self.labels = initial_labels(self.net, finals, images, hard).detach().requires_grad_()
+        self.syn_lr = torch.tensor(d.lr_teacher, device=device).requires_grad_()
+        self.opt_images = torch.optim.SGD([self.images], lr=d.lr_img, momentum=d.momentum_img)
+        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=d.lr_lr, momentum=d.momentum_lr)
+        self.opt_labels = torch.optim.SGD([self.labels], lr=d.lr_y, momentum=d.momentum_y)
+
+        self.iteration = 0
+        self.skipped = 0
+        self.expert_order = torch.empty(0, dtype=torch.long)
+        self.expert_cursor = 0
+        self.best: dict[str, Any] = {"val": -1.0, "iteration": -1}
+
+    # -- one outer iteration ------------------------------------------------------------------
+
+    def upper_start_epoch(self, iteration: int) -> int:
+        """DATM's window: the start-epoch bound grows from T to T+ over `expansion_end_iteration`."""
+        d = self.cfg.distill
+        span = d.expansion_end_iteration
+        if span == 0:
+            return d.max_start_epoch
+        grown = d.current_max_start_epoch + int((d.max_start_epoch - d.current_max_start_epoch) * iteration / span)
+        return min(grown, d.max_start_epoch)
+
+    def _next_expert(self) -> int:
+        if self.expert_cursor >= len(self.expert_order):
+            self.expert_order = torch.randperm(len(self.trajectories), generator=self.gen)
+            self.expert_cursor = 0
+        self.expert_cursor += 1
+        return int(self.expert_order[self.expert_cursor - 1])
+
+    def step(self) -> StepStats:
+        d = self.cfg.distill
+        expert = self._next_expert()
+        start_epoch = int(torch.randint(d.min_start_epoch, self.upper_start_epoch(self.iteration), (1,),
+                                        generator=self.gen))
+        trajectory = self.trajectories[expert]
+        start = _snapshot(trajectory, start_epoch, self.device)
+        target = _snapshot(trajectory, start_epoch + d.expert_epochs, self.device)
+        plan = plan_steps(len(self.images), d.batch_syn, d.syn_steps, tuple(self.images.shape[-2:]),
+                          self.dsa, self.gen)
+        matched = GRADIENT_PATHS[d.gradient](self.net, self.images, self.labels, self.syn_lr, start, target,
+                                             plan, self.dsa, d.alpha, d.selection)
+        if not math.isfinite(matched.loss):
+            raise DivergenceError(f"matching loss is {matched.loss} at iteration {self.iteration}")
+        skipped = matched.loss > d.threshold
+        if skipped:
+            self.skipped += 1
+        else:
+            for tensor, grad, opt in ((self.images, matched.grad_images, self.opt_images),
+                                      (self.labels, matched.grad_labels, self.opt_labels),
+                                      (self.syn_lr, matched.grad_lr, self.opt_lr)):
+                tensor.grad = grad
+                opt.step()
+        lr = self.syn_lr.item()
+        if not (math.isfinite(lr) and lr > 0):
+            raise DivergenceError(f"syn_lr became {lr} at iteration {self.iteration}")
+        self.iteration += 1
+        return StepStats(self.iteration, matched.loss, skipped, lr, expert, start_epoch)
+
+    # -- results, evaluation, checkpoints -----------------------------------------------------
+
+    def synthetic(self) -> SyntheticSet:
+        return SyntheticSet(self.images.detach().cpu().clone(), self.labels.detach().cpu().clone(),
+                            self.syn_lr.item())
+
+    def evaluate_now(self) -> Scores:
+        """The during-distillation evaluation: `eval_nets` fresh agent nets, seeded by the iteration."""
+        cfg = self.cfg
+        return evaluate(self.synthetic(), self.data.val, self.data.test, self.data.num_classes, cfg.model,
+                        cfg.evaluate, derive_seed(cfg.seed, "distill-eval", self.iteration), self.device,
+                        num_nets=cfg.distill.eval_nets, models=(cfg.model.name,))
+
+    def record_best(self, val_accuracy: float) -> bool:
+        """Keep the synthetic set with the best validation accuracy (never selected on test)."""
+        if val_accuracy <= self.best["val"]:
+            return False
+        syn = self.synthetic()
+        self.best = {"val": val_accuracy, "iteration": self.iteration, "images": syn.images,
+                     "labels": syn.labels, "lr": syn.lr}
+        return True
+
+    def best_synthetic(self) -> SyntheticSet:
+        if "images" not in self.best:
+            return self.synthetic()
+        return SyntheticSet(self.best["images"], self.best["labels"], self.best["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images.detach().cpu(), "labels": self.labels.detach().cpu(),
+            "syn_lr": self.syn_lr.detach().cpu(),
+            "opt_images": self.opt_images.state_dict(), "opt_labels": self.opt_labels.state_dict(),
+            "opt_lr": self.opt_lr.state_dict(), "generator": self.gen.get_state(),
+            "iteration": self.iteration, "skipped": self.skipped, "expert_order": self.expert_order,
+            "expert_cursor": self.expert_cursor, "num_experts": len(self.trajectories), "best": self.best,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_experts"] != len(self.trajectories):
+            raise ConfigError(f"checkpoint was made with {state['num_experts']} experts, "
+                              f"this run has {len(self.trajectories)}")
+        with torch.no_grad():
+            self.images.copy_(state["images"])
+            self.labels.copy_(state["labels"])
+            self.syn_lr.copy_(state["syn_lr"])
+        self.opt_images.load_state_dict(state["opt_images"])
+        self.opt_labels.load_state_dict(state["opt_labels"])
+        self.opt_lr.load_state_dict(state["opt_lr"])
+        self.gen.set_state(state["generator"])
+        self.iteration, self.skipped = state["iteration"], state["skipped"]
+        self.expert_order, self.expert_cursor = state["expert_order"], state["expert_cursor"]
+        self.best = state["best"]
+
+    def save(self, path: Path) -> None:
+        files.save_torch(path, self.state_dict())
+
+    def restore(self, path: Path) -> None:
+        self.load_state_dict(files.load_torch(path))
+
+
+def distill(cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], device: torch.device, *,
+            checkpoint: Path | None = None, report: Callable[[dict[str, Any]], None] | None = None,
+            progress: bool = True) -> Distiller:
+    """Run (or resume from `checkpoint`) to `distill.iterations`, evaluating every `eval_every`
+    iterations and at the end; `report` receives each evaluation's metrics."""
+    d = cfg.distill
+    distiller = Distiller(cfg, data, trajectories, device)
+    if checkpoint is not None and checkpoint.is_file():
+        distiller.restore(checkpoint)
+    bar = tqdm(total=d.iterations, initial=distiller.iteration, desc="distill", disable=not progress)
+    while distiller.iteration < d.iterations:
+        stats = distiller.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{stats.syn_lr:.4g}")
+        if stats.iteration % d.eval_every == 0 or stats.iteration == d.iterations:
+            scores = distiller.evaluate_now()
+            val, _ = Scores.summary(scores.val[cfg.model.name])
+            test, _ = Scores.summary(scores.test[cfg.model.name])
+            distiller.record_best(val)
+            if checkpoint is not None:
+                distiller.save(checkpoint)
+            if report is not None:
+                report({"iteration": stats.iteration, "loss": stats.loss, "skipped": distiller.skipped,
+                        "syn_lr": stats.syn_lr, "val_accuracy": val, "test_accuracy": test,
+                        "best_val_accuracy": distiller.best["val"]})
+    bar.close()
+    return distiller

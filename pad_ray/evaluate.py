@@ -1,0 +1,95 @@
+"""Evaluation: fresh networks trained on a (synthetic) set, then tested on real data.
+
+The protocol of DATM/PAD: SGD with momentum 0.9 and weight decay 5e-4 at the learned lr, soft-label
+cross-entropy on the learned logit labels (plain cross-entropy for hard labels), DSA on every batch,
+lr x0.1 at half the epochs.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pad_ray.augment import DSA
+from pad_ray.config import EvalConfig, ModelConfig
+from pad_ray.data import Split
+from pad_ray.experts import seeded_model
+from pad_ray.matching import soft_cross_entropy
+from pad_ray.runtime import derive_seed, generator
+
+
+@dataclass(frozen=True)
+class SyntheticSet:
+    images: torch.Tensor  # [n, C, H, W] in the preprocessed space
+    labels: torch.Tensor  # float logits [n, classes] (soft) or int64 [n] (hard)
+    lr: float
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Accuracies of each evaluation net, per architecture."""
+
+    val: dict[str, list[float]]
+    test: dict[str, list[float]]
+
+    @staticmethod
+    def summary(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def accuracy(net: nn.Module, split: Split, device: torch.device, batch: int = 1024) -> float:
+    if len(split.labels) == 0:
+        return float("nan")
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(split.labels), batch):
+            x = split.images[start:start + batch].to(device)
+            y = split.labels[start:start + batch].to(device)
+            correct += (net(x).argmax(dim=1) == y).sum().item()
+    return correct / len(split.labels)
+
+
+def train_on(synthetic: SyntheticSet, net: nn.Module, cfg: EvalConfig, seed: int, device: torch.device) -> nn.Module:
+    """Train `net` on the synthetic set with the evaluation protocol; returns it trained."""
+    images, labels = synthetic.images.detach().to(device), synthetic.labels.detach().to(device)
+    loss_fn = F.cross_entropy if labels.dtype == torch.long else soft_cross_entropy
+    optimizer = torch.optim.SGD(net.parameters(), lr=synthetic.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    dsa = DSA() if cfg.dsa else None
+    gen = generator(seed)
+    net.train()
+    for epoch in range(cfg.epochs):
+        if epoch == cfg.epochs // 2:
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.1
+        for batch in torch.randperm(len(images), generator=gen).split(cfg.batch_size):
+            batch = batch.to(device)
+            x = images[batch]
+            if dsa is not None:
+                x = dsa(x, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(net(x), labels[batch]).backward()
+            optimizer.step()
+    return net
+
+
+def evaluate(synthetic: SyntheticSet, val: Split, test: Split, num_classes: int, model: ModelConfig,
+             cfg: EvalConfig, seed: int, device: torch.device, *, num_nets: int | None = None,
+             models: tuple[str, ...] | None = None) -> Scores:
+    """Train `num_nets` fresh nets per architecture and measure validation and test accuracy."""
+    channels, size = synthetic.images.shape[1], synthetic.images.shape[-1]
+    val_acc: dict[str, list[float]] = {}
+    test_acc: dict[str, list[float]] = {}
+    for name in models or cfg.models:
+        for k in range(num_nets or cfg.num_nets):
+            net_seed = derive_seed(seed, "eval", name, k)
+            net = seeded_model(model, channels, num_classes, size, net_seed, name=name).to(device)
+            train_on(synthetic, net, cfg, net_seed, device)
+            val_acc.setdefault(name, []).append(accuracy(net, val, device))
+            test_acc.setdefault(name, []).append(accuracy(net, test, device))
+    return Scores(val_acc, test_acc)

@@ -1,0 +1,125 @@
+"""The stages of a PAD run on one machine, each reusing what the store already holds:
+data -> difficulty order -> experts -> distillation -> evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from pad_ray import data as datasets
+from pad_ray import files
+from pad_ray.config import RunConfig, to_dict
+from pad_ray.difficulty import el2n_run, load_index_file, order_by_score
+from pad_ray.distill import Distiller, distill
+from pad_ray.evaluate import Scores, SyntheticSet, evaluate
+from pad_ray.experts import train_expert
+from pad_ray.runtime import derive_seed
+from pad_ray.schedule import check_schedule
+from pad_ray.trajectories import DifficultyCache, TrajectoryStore
+
+
+def load_data(cfg: RunConfig) -> datasets.Dataset:
+    d = cfg.data
+    return datasets.prepare(d.dataset, d.root, val_fraction=d.val_fraction, zca=d.zca, seed=cfg.seed,
+                            train_per_class=d.train_per_class, test_size=d.test_size)
+
+
+def difficulty_order(cfg: RunConfig, data: datasets.Dataset, device: torch.device,
+                     progress: bool = True) -> list[torch.Tensor]:
+    """Per-class easy -> hard order of the training split: cached, else scored (EL2N) or read from a file."""
+    cache = DifficultyCache(cfg.store_dir, cfg)
+    order = cache.load()
+    if order is not None:
+        return order
+    train = data.train
+    if cfg.difficulty.index_file:
+        order = load_index_file(cfg.difficulty.index_file, train.index, train.labels, data.num_classes)
+    else:
+        seeds = range(cfg.difficulty.seeds)
+        runs = [el2n_run(train, data.num_classes, cfg.model, cfg.difficulty, derive_seed(cfg.seed, "el2n", k), device)
+                for k in tqdm(seeds, desc="EL2N seeds", disable=not progress)]
+        order = order_by_score(torch.stack(runs).mean(dim=0), train.labels, data.num_classes)
+    cache.save(order)
+    return order
+
+
+def ensure_experts(cfg: RunConfig, data: datasets.Dataset, order: list[torch.Tensor], device: torch.device,
+                   progress: bool = True) -> list[np.ndarray]:
+    """Train the experts the store lacks (one process), then return all `num_experts` trajectories."""
+    check_schedule(order, cfg.schedule, cfg.experts.epochs)
+    store = TrajectoryStore(cfg.store_dir, cfg)
+    missing = store.missing(cfg.experts.num_experts)
+    train = datasets.Split(data.train.images.to(device), data.train.labels.to(device), data.train.index)
+    for index in tqdm(missing, desc="experts", disable=not progress or not missing):
+        trajectory = train_expert(train, order, data.num_classes, cfg.model, cfg.experts, cfg.schedule,
+                                  derive_seed(cfg.seed, "expert", index), device)
+        store.save(index, trajectory)
+    return [store.load(i) for i in range(cfg.experts.num_experts)]
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    """Output folder of a run, named by its settings so a rerun resumes the same run."""
+    digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    name = cfg.preset or f"{cfg.data.dataset}-ipc{cfg.distill.ipc}"
+    return Path(cfg.output_dir) / f"{name}-{digest}"
+
+
+def save_synthetic(path: Path, synthetic: SyntheticSet) -> None:
+    digest = files.save_arrays(path, images=synthetic.images.numpy(), labels=synthetic.labels.numpy(),
+                               lr=np.float32(synthetic.lr))
+    files.write_json(path.with_suffix(".json"), {"sha256": digest})
+
+
+def load_synthetic(path: Path) -> SyntheticSet:
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise files.IntegrityError(f"{sidecar}: missing (needed to verify {path.name})")
+    arrays = files.load_arrays(path, files.read_json(sidecar)["sha256"])
+    return SyntheticSet(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]),
+                        float(arrays["lr"]))
+
+
+def run_distillation(cfg: RunConfig, data: datasets.Dataset, trajectories: list[np.ndarray], device: torch.device,
+                     out: Path, progress: bool = True) -> Distiller:
+    """Distil (resuming from `out/checkpoint.pt`), then write the best and final sets and an image grid."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def log(metrics: dict[str, Any]) -> None:
+        if progress:
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+    distiller = distill(cfg, data, trajectories, device, checkpoint=out / "checkpoint.pt", report=log,
+                        progress=progress)
+    save_synthetic(out / "synthetic_best.npz", distiller.best_synthetic())
+    save_synthetic(out / "synthetic_final.npz", distiller.synthetic())
+    save_grid(out / "synthetic.png", distiller.best_synthetic(), data, cfg.distill.ipc)
+    return distiller
+
+
+def save_grid(path: Path, synthetic: SyntheticSet, data: datasets.Dataset, ipc: int) -> None:
+    """One row per class, as pixels (ZCA or normalisation undone)."""
+    from torchvision.utils import save_image
+
+    images = data.to_pixels(synthetic.images)
+    save_image(images, path, nrow=ipc if ipc > 1 else min(data.num_classes, 10), padding=1)
+
+
+def final_evaluation(cfg: RunConfig, data: datasets.Dataset, synthetic: SyntheticSet, device: torch.device) -> dict:
+    """`evaluate.num_nets` fresh nets per architecture: mean and std of validation and test accuracy."""
+    scores = evaluate(synthetic, data.val, data.test, data.num_classes, cfg.model, cfg.evaluate,
+                      derive_seed(cfg.seed, "final-eval"), device)
+    result = {}
+    for name in scores.test:
+        val_mean, val_std = Scores.summary(scores.val[name])
+        test_mean, test_std = Scores.summary(scores.test[name])
+        result[name] = {"val_mean": val_mean, "val_std": val_std, "test_mean": test_mean, "test_std": test_std,
+                        "test": scores.test[name]}
+    return result

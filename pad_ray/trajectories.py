@@ -1,0 +1,106 @@
+"""The durable, content-addressed store of difficulty orders and expert trajectories.
+
+An expert set lives in a directory named by a hash of everything that determines its experts
+(data and preprocessing, model, difficulty, schedule, expert optimiser and epochs, seed), so no two
+runs train the same experts twice and a run asking for more experts trains only the missing ones.
+Each expert is one `.npy` [epochs + 1, P] plus a JSON sidecar with its checksum, written atomically;
+a file whose checksum does not match is treated as missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pad_ray import files
+from pad_ray.config import RunConfig, to_dict
+
+
+def _digest(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def difficulty_identity(cfg: RunConfig) -> dict[str, Any]:
+    data = to_dict(cfg.data)
+    data.pop("root")  # where the files are does not change what they hold
+    data.pop("test_size")
+    identity = {"data": data, "model": to_dict(cfg.model), "seed": cfg.seed}
+    if cfg.difficulty.index_file:
+        identity["index_file_sha256"] = files.sha256(Path(cfg.difficulty.index_file))
+    else:
+        identity["difficulty"] = to_dict(cfg.difficulty)
+    return identity
+
+
+def expert_identity(cfg: RunConfig) -> dict[str, Any]:
+    experts = to_dict(cfg.experts)
+    experts.pop("num_experts")  # more experts extend the same set
+    return {**difficulty_identity(cfg), "schedule": to_dict(cfg.schedule), "experts": experts}
+
+
+class DifficultyCache:
+    """Per-class easy -> hard orders, one `.npz` per identity."""
+
+    def __init__(self, root: str | Path, cfg: RunConfig):
+        self.identity = difficulty_identity(cfg)
+        self.path = Path(root) / "difficulty" / f"{_digest(self.identity)}.npz"
+
+    def load(self) -> list[torch.Tensor] | None:
+        sidecar = self.path.with_suffix(".json")
+        if not sidecar.is_file():
+            return None
+        try:
+            arrays = files.load_arrays(self.path, files.read_json(sidecar)["sha256"])
+        except files.IntegrityError:
+            return None
+        return [torch.from_numpy(arrays[f"class_{c}"]) for c in range(len(arrays))]
+
+    def save(self, order: list[torch.Tensor]) -> None:
+        digest = files.save_arrays(self.path, **{f"class_{c}": o.numpy() for c, o in enumerate(order)})
+        files.write_json(self.path.with_suffix(".json"), {"sha256": digest, "identity": self.identity})
+
+
+class TrajectoryStore:
+    """One expert set: `expert_00007.npy` + `expert_00007.json` per expert, and `identity.json`."""
+
+    def __init__(self, root: str | Path, cfg: RunConfig):
+        self.identity = expert_identity(cfg)
+        self.key = _digest(self.identity)
+        self.dir = Path(root) / "experts" / self.key
+
+    def _paths(self, index: int) -> tuple[Path, Path]:
+        stem = self.dir / f"expert_{index:05d}"
+        return stem.with_suffix(".npy"), stem.with_suffix(".json")
+
+    def is_valid(self, index: int) -> bool:
+        """True when expert `index` is stored whole; its checksum is verified."""
+        array_path, sidecar = self._paths(index)
+        if not (array_path.is_file() and sidecar.is_file()):
+            return False
+        try:
+            return files.sha256(array_path) == files.read_json(sidecar)["sha256"]
+        except (ValueError, KeyError, OSError):
+            return False
+
+    def missing(self, count: int) -> list[int]:
+        return [i for i in range(count) if not self.is_valid(i)]
+
+    def save(self, index: int, trajectory: np.ndarray) -> None:
+        if not (self.dir / "identity.json").is_file():
+            files.write_json(self.dir / "identity.json", self.identity)
+        array_path, sidecar = self._paths(index)
+        trajectory = np.asarray(trajectory, dtype=np.float32)
+        digest = files.save_array(array_path, trajectory)
+        files.write_json(sidecar, {"sha256": digest, "shape": list(trajectory.shape)})
+
+    def load(self, index: int) -> np.ndarray:
+        """The trajectory [epochs + 1, P], memory-mapped read-only; IntegrityError if damaged."""
+        array_path, sidecar = self._paths(index)
+        if not sidecar.is_file():
+            raise files.IntegrityError(f"{sidecar}: missing")
+        return files.load_array(array_path, files.read_json(sidecar)["sha256"])

@@ -1,0 +1,138 @@
+import pytest
+import torch
+
+from conftest import tiny_config
+from pad_ray.config import ConfigError
+from pad_ray.distill import Distiller, DivergenceError, distill
+
+CPU = torch.device("cpu")
+
+
+def _run(distiller: Distiller, steps: int) -> None:
+    for _ in range(steps):
+        distiller.step()
+
+
+def _same_state(a: Distiller, b: Distiller) -> None:
+    assert a.iteration == b.iteration
+    torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+    torch.testing.assert_close(a.labels, b.labels, rtol=0, atol=0)
+    assert a.syn_lr.item() == b.syn_lr.item()
+
+
+def test_initial_set_is_class_contiguous_and_correctly_predicted(tiny):
+    cfg, data, _, trajectories = tiny
+    d = Distiller(cfg, data, trajectories, CPU)
+    assert d.images.shape == (3 * cfg.distill.ipc, 1, 8, 8)
+    hard = torch.arange(3).repeat_interleave(cfg.distill.ipc)
+    # Soft labels average the logits of experts that are right, so their argmax is the true class.
+    assert torch.equal(d.labels.argmax(dim=1), hard)
+    # Every initial image is a real training image of its class.
+    for image, label in zip(d.images, hard):
+        match = (data.train.images == image).flatten(1).all(dim=1)
+        assert data.train.labels[match].tolist() == [label.item()]
+    assert d.syn_lr.item() == pytest.approx(cfg.distill.lr_teacher)
+
+
+def test_ipc_larger_than_a_class_is_rejected(tiny):
+    _, data, _, trajectories = tiny
+    cfg = tiny_config(distill={"ipc": 21})
+    with pytest.raises(ConfigError, match="distill.ipc: 21 is larger than class 0"):
+        Distiller(cfg, data, trajectories, CPU)
+
+
+def test_steps_change_images_labels_and_lr(tiny):
+    cfg, data, _, trajectories = tiny
+    d = Distiller(cfg, data, trajectories, CPU)
+    before = d.synthetic()
+    stats = [d.step() for _ in range(3)]
+    assert all(not s.skipped for s in stats)
+    assert not torch.equal(before.images, d.images.detach())
+    assert not torch.equal(before.labels, d.labels.detach())
+    assert d.syn_lr.item() != before.lr
+    assert {s.expert for s in stats[:2]} == {0, 1}  # experts visited without replacement
+
+
+def test_loss_above_threshold_skips_the_update(tiny):
+    _, data, _, trajectories = tiny
+    cfg = tiny_config(distill={"threshold": 1e-9})
+    d = Distiller(cfg, data, trajectories, CPU)
+    before = d.synthetic()
+    _run(d, 2)
+    assert d.skipped == 2 and d.iteration == 2
+    assert torch.equal(before.images, d.images.detach())
+
+
+def test_start_epoch_window_grows_from_t_to_t_plus(tiny):
+    cfg, data, _, trajectories = tiny  # T=2, T+=3, interval 2
+    d = Distiller(cfg, data, trajectories, CPU)
+    assert [d.upper_start_epoch(i) for i in (0, 1, 2, 50)] == [2, 2, 3, 3]
+    d = Distiller(tiny_config(distill={"current_max_start_epoch": 3}), data, trajectories, CPU)
+    assert d.upper_start_epoch(0) == 3
+
+
+def test_nan_loss_raises_divergence(tiny):
+    cfg, data, _, trajectories = tiny
+    d = Distiller(cfg, data, trajectories, CPU)
+    with torch.no_grad():
+        d.images.fill_(float("nan"))
+    with pytest.raises(DivergenceError, match="matching loss is nan at iteration 0"):
+        d.step()
+
+
+def test_non_positive_lr_raises_divergence(tiny):
+    cfg, data, _, trajectories = tiny
+    d = Distiller(cfg, data, trajectories, CPU)
+    with torch.no_grad():
+        d.syn_lr.fill_(-0.01)
+    with pytest.raises(DivergenceError, match="syn_lr became"):
+        d.step()
+
+
+def test_checkpoint_resume_gives_the_same_result(tiny, tmp_path):
+    cfg, data, _, trajectories = tiny
+    straight = Distiller(cfg, data, trajectories, CPU)
+    _run(straight, 4)
+
+    first = Distiller(cfg, data, trajectories, CPU)
+    _run(first, 2)
+    first.save(tmp_path / "ckpt.pt")
+    resumed = Distiller(cfg, data, trajectories, CPU)
+    resumed.restore(tmp_path / "ckpt.pt")
+    _run(resumed, 2)
+    _same_state(straight, resumed)
+    assert resumed.expert_cursor == straight.expert_cursor
+
+
+def test_distill_resumes_from_its_checkpoint_file(tiny, tmp_path):
+    cfg, data, _, trajectories = tiny
+    reports = []
+    straight = distill(cfg, data, trajectories, CPU, progress=False, report=reports.append)
+    assert [r["iteration"] for r in reports] == [2, 4]
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in reports)
+
+    checkpoint = tmp_path / "ckpt.pt"
+    distill(tiny_config(distill={"iterations": 2}), data, trajectories, CPU, checkpoint=checkpoint, progress=False)
+    resumed = distill(cfg, data, trajectories, CPU, checkpoint=checkpoint, progress=False)
+    _same_state(straight, resumed)
+    assert resumed.best["iteration"] in (2, 4)
+
+
+def test_constant_memory_path_matches_unrolled(tiny):
+    cfg, data, _, trajectories = tiny
+    unrolled = Distiller(cfg, data, trajectories, CPU)
+    constant = Distiller(tiny_config(distill={"gradient": "constant_memory"}), data, trajectories, CPU)
+    _run(unrolled, 3)
+    _run(constant, 3)
+    torch.testing.assert_close(constant.images, unrolled.images, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(constant.labels, unrolled.labels, rtol=1e-4, atol=1e-5)
+    assert constant.syn_lr.item() == pytest.approx(unrolled.syn_lr.item(), rel=1e-5)
+
+
+def test_checkpoint_for_another_expert_set_is_refused(tiny, tmp_path):
+    cfg, data, _, trajectories = tiny
+    d = Distiller(cfg, data, trajectories, CPU)
+    d.save(tmp_path / "ckpt.pt")
+    other = Distiller(cfg, data, trajectories[:1], CPU)
+    with pytest.raises(ConfigError, match="2 experts"):
+        other.restore(tmp_path / "ckpt.pt")
