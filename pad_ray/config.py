@@ -240,8 +240,8 @@ def _mnist_cpu(ipc: int, *, train_per_class: int, test_size: int, width: int, nu
 
 
 _CPU_PRESETS = {
-    "smoke": _mnist_cpu(1, train_per_class=40, test_size=500, width=16, num_experts=2,
-                        expert_epochs=6, iterations=6, eval_epochs=30),
+    "smoke": _mnist_cpu(1, train_per_class=100, test_size=1000, width=32, num_experts=2,
+                        expert_epochs=6, iterations=20, eval_epochs=100),
     "mnist-ipc1": _mnist_cpu(1, train_per_class=300, test_size=2000, width=32, num_experts=4,
                              expert_epochs=8, iterations=60, eval_epochs=200),
     "mnist-ipc10": _mnist_cpu(10, train_per_class=300, test_size=2000, width=32, num_experts=4,

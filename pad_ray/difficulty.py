@@ -70,9 +70,13 @@ def load_index_file(path: str | Path, source_index: torch.Tensor, labels: torch.
             table = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise ConfigError(f"difficulty.index_file: cannot read {path}: {exc}") from None
-    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != num_classes:
-        shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+    if (not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != num_classes
+            or table.shape[1] == 0 or table.dtype.is_floating_point or table.dtype.is_complex
+            or table.dtype == torch.bool):
+        shape = f"{tuple(table.shape)} {table.dtype}" if isinstance(table, torch.Tensor) else type(table).__name__
         raise ConfigError(f"difficulty.index_file: {path} must be an integer [{num_classes}, n] tensor, got {shape}")
+    if (table < 0).any():
+        raise ConfigError(f"difficulty.index_file: {path} holds negative indices")
     position = torch.full((int(max(source_index.max(), table.max())) + 1,), -1, dtype=torch.long)
     position[source_index] = torch.arange(len(source_index))
     order = []

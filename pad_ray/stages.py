@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from pad_ray import data as datasets
 from pad_ray import files
-from pad_ray.config import RunConfig, to_dict
+from pad_ray.config import ConfigError, RunConfig, to_dict
 from pad_ray.difficulty import el2n_run, load_index_file, order_by_score
 from pad_ray.distill import Distiller, distill
 from pad_ray.evaluate import Scores, SyntheticSet, evaluate
@@ -26,9 +27,15 @@ from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
 
 def load_data(cfg: RunConfig) -> datasets.Dataset:
+    """The prepared dataset; settings that only the data can check are checked here, before any work."""
     d = cfg.data
-    return datasets.prepare(d.dataset, d.root, val_fraction=d.val_fraction, zca=d.zca, seed=cfg.seed,
+    data = datasets.prepare(d.dataset, d.root, val_fraction=d.val_fraction, zca=d.zca, seed=cfg.seed,
                             train_per_class=d.train_per_class, test_size=d.test_size)
+    smallest = int(torch.bincount(data.train.labels, minlength=data.num_classes).min())
+    if cfg.distill.ipc > smallest:
+        raise ConfigError(f"distill.ipc: {cfg.distill.ipc} is larger than the smallest class "
+                          f"({smallest} training samples)")
+    return data
 
 
 def difficulty_order(cfg: RunConfig, data: datasets.Dataset, device: torch.device,
@@ -94,7 +101,7 @@ def run_distillation(cfg: RunConfig, data: datasets.Dataset, trajectories: list[
 
     def log(metrics: dict[str, Any]) -> None:
         if progress:
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            tqdm.write(file=sys.stderr, s=" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
 
     distiller = distill(cfg, data, trajectories, device, checkpoint=out / "checkpoint.pt", report=log,
                         progress=progress)

@@ -28,7 +28,9 @@ def _digest(identity: dict[str, Any]) -> str:
 def difficulty_identity(cfg: RunConfig) -> dict[str, Any]:
     data = to_dict(cfg.data)
     data.pop("root")  # where the files are does not change what they hold
-    data.pop("test_size")
+    # The test subset's size does not change the training split, but drawing one does: it is drawn
+    # from the same generator before the validation split (data.prepare).
+    data["test_subset"] = data.pop("test_size") is not None
     identity = {"data": data, "model": to_dict(cfg.model), "seed": cfg.seed}
     if cfg.difficulty.index_file:
         identity["index_file_sha256"] = files.sha256(Path(cfg.difficulty.index_file))
@@ -56,7 +58,7 @@ class DifficultyCache:
             return None
         try:
             arrays = files.load_arrays(self.path, files.read_json(sidecar)["sha256"])
-        except files.IntegrityError:
+        except (files.IntegrityError, ValueError, KeyError, TypeError, OSError):
             return None
         return [torch.from_numpy(arrays[f"class_{c}"]) for c in range(len(arrays))]
 

@@ -1,0 +1,75 @@
+import pytest
+
+from pad_ray.config import PRESETS, ConfigError, build_config, load_config
+
+
+def _error(raw) -> str:
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, "run.yaml")
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates(name):
+    cfg = build_config({"preset": name})
+    assert cfg.distill.max_start_epoch + cfg.distill.expert_epochs <= cfg.experts.epochs
+
+
+def test_table7_values_reach_the_config():
+    cfg = build_config({"preset": "cifar100-ipc10"})
+    d = cfg.distill
+    assert (cfg.schedule.init_ratio, cfg.schedule.add_end_epoch) == (0.75, 40)
+    assert (d.alpha, d.syn_steps, d.expert_epochs, d.batch_syn, d.lr_y, d.lr_img) == (0.25, 80, 2, 1000, 10, 1000)
+    assert (d.min_start_epoch, d.current_max_start_epoch, d.max_start_epoch) == (0, 20, 40)
+    assert d.expansion_end_iteration == 100 * (40 - 20)
+    assert build_config({"preset": "tinyimagenet-ipc10"}).model.depth == 4
+    assert build_config({"preset": "cifar10-ipc1"}).distill.threshold == 1.1
+
+
+def test_file_values_override_the_preset():
+    cfg = build_config({"preset": "cifar10-ipc10", "distill": {"alpha": 0.5}, "experts": {"optimizer": "sgd"}})
+    assert cfg.distill.alpha == 0.5 and cfg.distill.syn_steps == 80 and cfg.experts.optimizer == "sgd"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"preset": "smoke", "distill": {"alpah": 0.1}}, "run.yaml: distill.alpah: unknown key; did you mean 'alpha'?"),
+        ({"preset": "smoke", "bogus": 1}, "run.yaml: bogus: unknown key"),
+        ({"preset": "smoke", "distill": {"ipc": "ten"}}, "run.yaml: distill.ipc: Input should be a valid integer"),
+        ({"preset": "smoke", "distill": {"ipc": 0}}, "run.yaml: distill.ipc: Input should be greater than or equal to 1"),
+        ({"preset": "smoke", "distill": {"alpha": 1.0}}, "run.yaml: distill.alpha: Input should be less than 1"),
+        ({"preset": "smoke", "distill": {"alpha": -0.1}}, "run.yaml: distill.alpha"),
+        ({"preset": "smoke", "schedule": {"init_ratio": 0}}, "run.yaml: schedule.init_ratio: Input should be greater than 0"),
+        ({"preset": "smoke", "schedule": {"init_ratio": 1.5}}, "run.yaml: schedule.init_ratio"),
+        ({"preset": "smoke", "schedule": {"add_end_epoch": 50}}, "schedule.add_end_epoch: 50 is beyond experts.epochs (6)"),
+        ({"preset": "smoke", "distill": {"max_start_epoch": 5}}, "exceeds experts.epochs"),
+        ({"preset": "smoke", "schedule": {"remove": [{"after_epoch": 9, "easiest_fraction": 0.1}]}}, "never happens"),
+        ({"preset": "smok"}, "run.yaml: preset: unknown preset 'smok'; did you mean 'smoke'?"),
+        ({"data": {"dataset": "mnist"}}, "run.yaml: distill: required key is missing"),
+        ({"preset": "smoke", "data": {"dataset": "imagenet"}}, "run.yaml: data.dataset: Input should be"),
+        ({"preset": "smoke", "distill": {"selection": "random"}}, "run.yaml: distill.selection"),
+        ([1, 2], "run.yaml: expected a mapping"),
+    ],
+)
+def test_bad_configs_give_one_line_naming_the_key(raw, expected):
+    assert expected in _error(raw)
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("preset: smoke\ndistill: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: YAML syntax error at line 3"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("preset: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ConfigError, match="YAML syntax error"):
+        load_config(path)
+    assert not (tmp_path / "pwned").exists()
