@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torchvision.datasets import MNIST, ImageFolder
 
+from pad_ray.runtime import derive_seed
+
 DATASETS = ("mnist", "cifar10", "cifar100", "tinyimagenet")
 
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -412,6 +414,10 @@ def per_class_subset(labels: torch.Tensor, per_class: int, generator: torch.Gene
     return _sorted_cat(chosen)
 
 
+def _generator(seed: int, purpose: str) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, purpose))
+
+
 def prepare(
     name: str,
     root: str | Path,
@@ -424,22 +430,21 @@ def prepare(
 ) -> Dataset:
     """Load, subsample, carve a class-balanced val split out of train, and preprocess.
 
-    Random draws (train subset, test subset, val split, in that order) come from one generator
-    seeded with `seed`. ZCA is fitted on the remaining train images only and applied to all
+    The train subset, test subset and val split each draw from their own generator derived from
+    `seed`, so the size of the test subset does not change which training samples are kept. ZCA is fitted on the remaining train images only and applied to all
     splits; without ZCA the splits are normalised with the dataset's fixed mean/std.
     """
     train_x, train_y, test_x, test_y, class_names = load_raw(name, root)
     train_i, test_i = torch.arange(len(train_y)), torch.arange(len(test_y))
-    generator = torch.Generator().manual_seed(seed)
     if train_per_class is not None:
-        chosen = per_class_subset(train_y, train_per_class, generator)
+        chosen = per_class_subset(train_y, train_per_class, _generator(seed, "train-subset"))
         train_x, train_y, train_i = train_x[chosen], train_y[chosen], train_i[chosen]
     if test_size is not None:
         if test_size < 1:
             raise ValueError(f"test_size must be at least 1, got {test_size}")
-        chosen = torch.randperm(len(test_y), generator=generator)[:test_size].sort().values
+        chosen = torch.randperm(len(test_y), generator=_generator(seed, "test-subset"))[:test_size].sort().values
         test_x, test_y, test_i = test_x[chosen], test_y[chosen], test_i[chosen]
-    keep, held_out = class_balanced_split(train_y, val_fraction, generator)
+    keep, held_out = class_balanced_split(train_y, val_fraction, _generator(seed, "val-split"))
     train_x, val_x = train_x[keep], train_x[held_out]
     train_y, val_y = train_y[keep], train_y[held_out]
     train_i, val_i = train_i[keep], train_i[held_out]

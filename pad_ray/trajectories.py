@@ -30,7 +30,7 @@ def difficulty_identity(cfg: RunConfig) -> dict[str, Any]:
     data.pop("root")  # where the files are does not change what they hold
     # The test subset's size does not change the training split, but drawing one does: it is drawn
     # from the same generator before the validation split (data.prepare).
-    data["test_subset"] = data.pop("test_size") is not None
+    data.pop("test_size")  # the test subset is drawn apart from the training split
     identity = {"data": data, "model": to_dict(cfg.model), "seed": cfg.seed}
     if cfg.difficulty.index_file:
         identity["index_file_sha256"] = files.sha256(Path(cfg.difficulty.index_file))

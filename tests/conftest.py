@@ -13,6 +13,9 @@ from pad_ray.data import Dataset, Split
 from pad_ray.experts import train_expert
 from pad_ray.runtime import derive_seed
 
+# Tiny problems run faster on one thread, and two threads fight over 2 cores when tests run in parallel.
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
