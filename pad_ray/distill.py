@@ -9,6 +9,7 @@ when the loss is above the threshold). The whole state can be checkpointed and r
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from pad_ray.config import ConfigError, RunConfig
 from pad_ray.data import Dataset
 from pad_ray.evaluate import Scores, SyntheticSet, evaluate
 from pad_ray.experts import seeded_model
-from pad_ray.matching import GRADIENT_PATHS, plan_steps
+from pad_ray.matching import GRADIENT_PATHS, depth_cut, plan_steps
 from pad_ray.models import FlatParams
 from pad_ray.runtime import derive_seed, generator
 
@@ -93,6 +94,17 @@ def initial_labels(net: FlatParams, finals: list[torch.Tensor], images: torch.Te
     return (correct.unsqueeze(2) * all_logits).sum(dim=0) / correct.sum(dim=0).unsqueeze(1)
 
 
+def _warn_if_cut_reaches_classifier(net: FlatParams, alpha: float, selection: str) -> None:
+    """Classifier rows are class-specific: a depth cut there ignores whole classes (Part A §1)."""
+    if selection != "depth":
+        return
+    cut = depth_cut(net.size, alpha)
+    name = next(name for name, _, end in net.spans() if cut < end) if cut < net.size else "classifier"
+    if name.startswith("classifier"):
+        warnings.warn(f"distill.alpha={alpha} drops part of {name}: the depth cut reaches the classifier, "
+                      "so some classes' rows are not matched", stacklevel=3)
+
+
 @dataclass(frozen=True)
 class StepStats:
     iteration: int
@@ -113,6 +125,7 @@ class Distiller:
         d = cfg.distill
         model = seeded_model(cfg.model, data.channels, data.num_classes, data.image_size, 0).to(device)
         self.net = FlatParams(model)
+        _warn_if_cut_reaches_classifier(self.net, d.alpha, d.selection)
         self.dsa = DSA() if d.dsa else None
         self.gen = generator(derive_seed(cfg.seed, "distill"))
 

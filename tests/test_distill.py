@@ -136,3 +136,9 @@ def test_checkpoint_for_another_expert_set_is_refused(tiny, tmp_path):
     other = Distiller(cfg, data, trajectories[:1], CPU)
     with pytest.raises(ConfigError, match="2 experts"):
         other.restore(tmp_path / "ckpt.pt")
+
+
+def test_depth_cut_into_the_classifier_warns(tiny):
+    _, data, _, trajectories = tiny
+    with pytest.warns(UserWarning, match="reaches the classifier"):
+        Distiller(tiny_config(distill={"alpha": 0.95}), data, trajectories, CPU)
