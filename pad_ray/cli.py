@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from pad_ray import files
-from pad_ray.config import PRESETS, ConfigError, RunConfig, load_config
+from pad_ray.config import PRESETS, ConfigError, RunConfig, load_config, with_absolute_paths
 from pad_ray.data import DataError
 from pad_ray.distill import DivergenceError
 from pad_ray.runtime import resolve_device
@@ -54,10 +54,13 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
     if stage == "evaluate":
         synthetic = stages.load_synthetic(synthetic_path or out / "synthetic_best.npz")
         return stages.final_evaluation(cfg, data, synthetic, device)
-    order = stages.difficulty_order(cfg, data, device)
+    if cfg.resources.workers > 0:
+        order, trajectories = _experts_on_ray(stage, cfg, data)
+    else:
+        order = stages.difficulty_order(cfg, data, device)
+        trajectories = [] if stage == "scores" else stages.ensure_experts(cfg, data, order, device)
     if stage == "scores":
         return {"classes": len(order), "samples": sum(len(o) for o in order)}
-    trajectories = stages.ensure_experts(cfg, data, order, device)
     if stage == "experts":
         return {"experts": len(trajectories), "store": str(Path(cfg.store_dir).resolve())}
     distiller = stages.run_distillation(cfg, data, trajectories, device, out)
@@ -68,6 +71,20 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
         result["evaluation"] = stages.final_evaluation(cfg, data, distiller.best_synthetic(), device)
         files.write_json(out / "results.json", result)
     return result
+
+
+def _experts_on_ray(stage: str, cfg: RunConfig, data) -> tuple[list, list]:
+    """EL2N seeds as Ray tasks and experts on Ray Train (a local Ray, or the cluster of a Ray job)."""
+    import ray
+
+    from pad_ray import distributed
+
+    ray.init(log_to_driver=True)
+    order = distributed.difficulty_order(cfg, data)
+    if stage == "scores":
+        return order, []
+    store = distributed.generate_experts(cfg, data, order)
+    return order, [store.load(i) for i in range(cfg.experts.num_experts)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synthetic", type=Path, help="distilled set to evaluate (default: the run's best)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, parse_overrides(args.overrides))
+        cfg = with_absolute_paths(load_config(args.config, parse_overrides(args.overrides)))
         result = run_stage(args.stage, cfg, args.out, args.synthetic)
     except (ConfigError, DataError, files.IntegrityError) as exc:
         print(f"pad-ray: error: {exc}", file=sys.stderr)

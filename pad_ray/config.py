@@ -142,6 +142,15 @@ class EvalConfig(Section):
     dsa: bool = True
 
 
+class ResourcesConfig(Section):
+    """How the Ray stages use a cluster. `workers: 0` runs experts and EL2N seeds in this process."""
+
+    workers: int = Field(2, ge=0)  # Ray Train workers for experts, parallel EL2N seeds
+    cpus_per_worker: int = Field(1, ge=1)  # also the torch threads of each worker
+    use_gpu: Literal["auto"] | bool = "auto"  # one GPU per worker; auto = when the cluster has GPUs
+    max_failures: int = Field(3, ge=0)  # worker-group restarts before expert generation fails
+
+
 class RunConfig(Section):
     preset: str | None = None
     seed: int = 0
@@ -155,6 +164,7 @@ class RunConfig(Section):
     experts: ExpertConfig = ExpertConfig()
     distill: DistillConfig
     evaluate: EvalConfig = EvalConfig()
+    resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
     def _fits_experts(self) -> RunConfig:
@@ -334,6 +344,16 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if overrides:
         raw = deep_merge(raw, overrides) if isinstance(raw, dict) else raw
     return build_config(raw, str(path))
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Resolve relative paths against this process's directory: Ray workers run elsewhere."""
+    data = cfg.data.model_copy(update={"root": str(Path(cfg.data.root).resolve())})
+    index_file = cfg.difficulty.index_file and str(Path(cfg.difficulty.index_file).resolve())
+    return cfg.model_copy(update={
+        "data": data, "difficulty": cfg.difficulty.model_copy(update={"index_file": index_file}),
+        "output_dir": str(Path(cfg.output_dir).resolve()), "store_dir": str(Path(cfg.store_dir).resolve()),
+    })
 
 
 def to_dict(config: BaseModel) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from pad_ray.config import ConfigError, RunConfig, to_dict
 from pad_ray.difficulty import el2n_run, load_index_file, order_by_score
 from pad_ray.distill import Distiller, distill
 from pad_ray.evaluate import Scores, SyntheticSet, evaluate
-from pad_ray.experts import train_expert
+from pad_ray.experts import ExpertRun
 from pad_ray.runtime import derive_seed
 from pad_ray.schedule import check_schedule
 from pad_ray.trajectories import DifficultyCache, TrajectoryStore
@@ -57,23 +58,46 @@ def difficulty_order(cfg: RunConfig, data: datasets.Dataset, device: torch.devic
     return order
 
 
+def produce_expert(cfg: RunConfig, store: TrajectoryStore, index: int, train: datasets.Split,
+                   order: list[torch.Tensor], num_classes: int, device: torch.device,
+                   on_epoch: Callable[[int, float], None] | None = None) -> None:
+    """Train expert `index` into the store, checkpointing after every epoch and resuming from the
+    last checkpoint, so a killed process loses at most the epoch it was in."""
+    run = ExpertRun(train, order, num_classes, cfg.model, cfg.experts, cfg.schedule,
+                    derive_seed(cfg.seed, "expert", index), device)
+    partial = store.load_partial(index)
+    resumed_at = []
+    if partial is not None:
+        run.load_state_dict(partial["run"])
+        resumed_at = partial["resumed_at"] + [run.epoch]
+    while run.epoch < cfg.experts.epochs:
+        loss = run.run_epoch()
+        if run.epoch < cfg.experts.epochs:
+            store.save_partial(index, {"run": run.state_dict(), "resumed_at": resumed_at})
+        if on_epoch is not None:
+            on_epoch(run.epoch, loss)
+    store.save(index, run.trajectory(), resumed_at)
+
+
 def ensure_experts(cfg: RunConfig, data: datasets.Dataset, order: list[torch.Tensor], device: torch.device,
                    progress: bool = True) -> list[np.ndarray]:
-    """Train the experts the store lacks (one process), then return all `num_experts` trajectories."""
+    """Train the experts the store lacks in this process, then return all `num_experts` trajectories."""
     check_schedule(order, cfg.schedule, cfg.experts.epochs)
     store = TrajectoryStore(cfg.store_dir, cfg)
     missing = store.missing(cfg.experts.num_experts)
     train = datasets.Split(data.train.images.to(device), data.train.labels.to(device), data.train.index)
     for index in tqdm(missing, desc="experts", disable=not progress or not missing):
-        trajectory = train_expert(train, order, data.num_classes, cfg.model, cfg.experts, cfg.schedule,
-                                  derive_seed(cfg.seed, "expert", index), device)
-        store.save(index, trajectory)
+        produce_expert(cfg, store, index, train, order, data.num_classes, device)
     return [store.load(i) for i in range(cfg.experts.num_experts)]
 
 
 def run_dir(cfg: RunConfig) -> Path:
     """Output folder of a run, named by its settings so a rerun resumes the same run."""
-    digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    settings = to_dict(cfg)
+    for where in ("output_dir", "store_dir", "resources", "device"):
+        settings.pop(where)
+    settings["data"].pop("root")
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     name = cfg.preset or f"{cfg.data.dataset}-ipc{cfg.distill.ipc}"
     return Path(cfg.output_dir) / f"{name}-{digest}"
 

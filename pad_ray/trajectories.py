@@ -92,13 +92,35 @@ class TrajectoryStore:
     def missing(self, count: int) -> list[int]:
         return [i for i in range(count) if not self.is_valid(i)]
 
-    def save(self, index: int, trajectory: np.ndarray) -> None:
+    def save(self, index: int, trajectory: np.ndarray, resumed_at: list[int] | None = None) -> None:
+        """Store a finished expert; `resumed_at` records the epochs it was resumed from after failures."""
         if not (self.dir / "identity.json").is_file():
             files.write_json(self.dir / "identity.json", self.identity)
         array_path, sidecar = self._paths(index)
         trajectory = np.asarray(trajectory, dtype=np.float32)
         digest = files.save_array(array_path, trajectory)
-        files.write_json(sidecar, {"sha256": digest, "shape": list(trajectory.shape)})
+        files.write_json(sidecar, {"sha256": digest, "shape": list(trajectory.shape),
+                                   "resumed_at": resumed_at or []})
+        self.partial_path(index).unlink(missing_ok=True)
+
+    def info(self, index: int) -> dict[str, Any]:
+        return files.read_json(self._paths(index)[1])
+
+    # An expert in training checkpoints here after every epoch, so a killed worker loses one epoch.
+    def partial_path(self, index: int) -> Path:
+        return self.dir / "partial" / f"expert_{index:05d}.pt"
+
+    def save_partial(self, index: int, state: dict[str, Any]) -> None:
+        files.save_torch(self.partial_path(index), state)
+
+    def load_partial(self, index: int) -> dict[str, Any] | None:
+        path = self.partial_path(index)
+        if not path.is_file():
+            return None
+        try:
+            return files.load_torch(path)
+        except files.IntegrityError:
+            return None
 
     def load(self, index: int) -> np.ndarray:
         """The trajectory [epochs + 1, P], memory-mapped read-only; IntegrityError if damaged."""

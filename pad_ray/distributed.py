@@ -1,0 +1,133 @@
+"""The Ray side of the expert stage: EL2N seeds as parallel tasks, experts on Ray Train, and the
+trajectories handed to distillation through the object store.
+
+Ray Train runs a `TorchTrainer` whose workers each train their share of independent experts (no
+DDP) straight into the durable store; a worker that dies loses at most its current epoch, since
+every expert checkpoints after each epoch and Train restarts the group. The driver then puts the
+trajectory rows that distillation can sample into the object store: it owns them for as long as the
+sweep runs, and it lives on the head node, so GPU workers never hold primary copies (which would
+keep the autoscaler from releasing them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from pad_ray import stages
+from pad_ray.config import RunConfig, to_dict
+from pad_ray.data import Dataset, Split
+from pad_ray.difficulty import el2n_run, order_by_score
+from pad_ray.runtime import derive_seed
+from pad_ray.schedule import check_schedule
+from pad_ray.trajectories import DifficultyCache, TrajectoryStore
+
+
+def use_gpu(cfg: RunConfig) -> bool:
+    if cfg.resources.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(cfg.resources.use_gpu)
+
+
+def _task_device() -> torch.device:
+    return torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+
+
+@ray.remote
+def _el2n_task(train: Split, num_classes: int, cfg: dict[str, Any], seed: int, threads: int) -> torch.Tensor:
+    torch.set_num_threads(threads)
+    run = RunConfig.model_validate(cfg)
+    return el2n_run(train, num_classes, run.model, run.difficulty, seed, _task_device())
+
+
+def difficulty_order(cfg: RunConfig, data: Dataset) -> list[torch.Tensor]:
+    """Like `stages.difficulty_order`, with the K EL2N seeds run as parallel Ray tasks."""
+    cache = DifficultyCache(cfg.store_dir, cfg)
+    order = cache.load()
+    if order is not None:
+        return order
+    if cfg.difficulty.index_file:
+        return stages.difficulty_order(cfg, data, torch.device("cpu"))
+    train = ray.put(data.train)
+    options = {"num_cpus": cfg.resources.cpus_per_worker, "num_gpus": 1 if use_gpu(cfg) else 0}
+    runs = [_el2n_task.options(**options).remote(train, data.num_classes, to_dict(cfg),
+                                                  derive_seed(cfg.seed, "el2n", k), cfg.resources.cpus_per_worker)
+            for k in range(cfg.difficulty.seeds)]
+    order = order_by_score(torch.stack(ray.get(runs)).mean(dim=0), data.train.labels, data.num_classes)
+    cache.save(order)
+    return order
+
+
+def _expert_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: train this rank's share of the missing experts into the store."""
+    from ray.experimental.tqdm_ray import tqdm
+
+    context = ray.train.get_context()
+    torch.set_num_threads(loop["threads"])
+    cfg = RunConfig.model_validate(loop["config"])
+    device = ray.train.torch.get_device()
+    images, labels = ray.get(loop["images"]), ray.get(loop["labels"])
+    train = Split(torch.from_numpy(images.copy()).to(device), torch.from_numpy(labels.copy()).to(device),
+                  torch.arange(len(labels)))
+    order = [torch.from_numpy(o.copy()) for o in ray.get(loop["order"])]
+    store = TrajectoryStore(cfg.store_dir, cfg)
+    for index in loop["missing"][context.get_world_rank()::context.get_world_size()]:
+        if store.is_valid(index):  # finished before a restart
+            continue
+        bar = tqdm(total=cfg.experts.epochs, desc=f"expert {index}")
+        stages.produce_expert(cfg, store, index, train, order, loop["num_classes"], device,
+                              on_epoch=lambda epoch, loss: bar.update(1))
+        bar.close()
+
+
+def generate_experts(cfg: RunConfig, data: Dataset, order: list[torch.Tensor]) -> TrajectoryStore:
+    """Train the experts the store lacks on Ray Train; returns the store (complete)."""
+    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    check_schedule(order, cfg.schedule, cfg.experts.epochs)
+    store = TrajectoryStore(cfg.store_dir, cfg)
+    missing = store.missing(cfg.experts.num_experts)
+    if not missing:
+        return store
+    gpu = use_gpu(cfg)
+    loop = {
+        "config": to_dict(cfg), "missing": missing, "num_classes": data.num_classes,
+        "threads": cfg.resources.cpus_per_worker,
+        "images": ray.put(data.train.images.numpy()), "labels": ray.put(data.train.labels.numpy()),
+        "order": ray.put([o.numpy() for o in order]),
+    }
+    resources = {"CPU": cfg.resources.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    trainer = TorchTrainer(
+        _expert_worker,
+        train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=min(cfg.resources.workers, len(missing)), use_gpu=gpu,
+                                     resources_per_worker=resources),
+        run_config=TrainRunConfig(name=f"experts-{store.key}", storage_path=f"{cfg.output_dir}/ray_train",
+                                  failure_config=FailureConfig(max_failures=cfg.resources.max_failures)),
+    )
+    trainer.fit()
+    still_missing = store.missing(cfg.experts.num_experts)
+    if still_missing:
+        raise RuntimeError(f"expert generation finished but experts {still_missing} are not in {store.dir}")
+    return store
+
+
+def distillation_window(trajectory: np.ndarray, last_epoch: int) -> np.ndarray:
+    """Rows 0..last_epoch (all that distillation samples) plus the final row (for soft labels)."""
+    if last_epoch + 1 >= len(trajectory) - 1:
+        return np.ascontiguousarray(trajectory)
+    return np.concatenate([trajectory[: last_epoch + 1], trajectory[-1:]])
+
+
+def last_sampled_epoch(cfg: RunConfig) -> int:
+    return cfg.distill.max_start_epoch + cfg.distill.expert_epochs
+
+
+def put_trajectories(store: TrajectoryStore, count: int, last_epoch: int) -> list[ray.ObjectRef]:
+    """Object-store copies (float32, owned by this driver) of each expert's distillation window;
+    `last_epoch` is the latest epoch any trial using these experts samples."""
+    return [ray.put(distillation_window(store.load(i), last_epoch)) for i in range(count)]

@@ -1,0 +1,145 @@
+"""Experts on a real local Ray: Ray Train workers, the durable store, the object store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import ray
+import torch
+
+from conftest import tiny_config, tiny_dataset
+from pad_ray import distributed, stages
+from pad_ray.config import build_config, with_absolute_paths
+from pad_ray.distill import distill
+from pad_ray.trajectories import TrajectoryStore
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _reference(cfg, data, order, count):
+    """The single-process trainer, into its own store."""
+    reference = cfg.model_copy(update={"store_dir": cfg.store_dir + "-reference",
+                                       "experts": cfg.experts.model_copy(update={"num_experts": count})})
+    return stages.ensure_experts(reference, data, order, CPU, progress=False)
+
+
+def _order(data):
+    return [torch.nonzero(data.train.labels == c).flatten() for c in range(data.num_classes)]
+
+
+def test_ray_train_experts_equal_single_process_and_are_never_trained_twice(local_ray, tmp_path):
+    cfg = with_absolute_paths(tiny_config(tmp_path))
+    data, order = tiny_dataset(), _order(tiny_dataset())
+    reference = _reference(cfg, data, order, 3)
+
+    store = distributed.generate_experts(cfg, data, order)
+    assert store.missing(2) == []
+    for i in range(2):
+        assert np.array_equal(store.load(i), reference[i]), f"expert {i} differs from the single-process one"
+
+    stamps = {i: os.stat(store._paths(i)[0]).st_mtime_ns for i in range(2)}
+    distributed.generate_experts(cfg, data, order)  # nothing missing: nothing trained
+    assert {i: os.stat(store._paths(i)[0]).st_mtime_ns for i in range(2)} == stamps
+
+    # Expert 1 damaged, and one more expert asked for: only those two are trained.
+    path = store._paths(1)[0]
+    path.write_bytes(path.read_bytes()[:-100])
+    more = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"num_experts": 3})})
+    distributed.generate_experts(more, data, order)
+    assert os.stat(store._paths(0)[0]).st_mtime_ns == stamps[0]
+    for i in range(3):
+        assert np.array_equal(store.load(i), reference[i])
+
+
+def _train_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_killed_worker_loses_at_most_its_current_epoch(local_ray, tmp_path, mnist_root):
+    cfg = with_absolute_paths(build_config({
+        "preset": "smoke", "seed": 5, "data": {"root": str(mnist_root)},
+        "output_dir": str(tmp_path / "runs"), "store_dir": str(tmp_path / "store"),
+        "experts": {"num_experts": 2, "epochs": 12},
+        "schedule": {"remove": []},
+        "resources": {"workers": 2, "max_failures": 2},
+    }))
+    data = stages.load_data(cfg)
+    order = stages.difficulty_order(cfg, data, CPU, progress=False)
+    store = TrajectoryStore(cfg.store_dir, cfg)
+
+    failure: list[BaseException] = []
+    runner = threading.Thread(target=lambda: _capture(failure, distributed.generate_experts, cfg, data, order))
+    runner.start()
+    killed_at = None
+    deadline = time.monotonic() + 300
+    while killed_at is None and time.monotonic() < deadline:
+        partial = store.load_partial(0)
+        if partial is not None and len(partial["run"]["snapshots"]) - 1 >= 3:
+            killed_at = len(partial["run"]["snapshots"]) - 1
+            for worker in _train_workers():
+                os.kill(worker.pid, signal.SIGKILL)
+        time.sleep(0.05)  # polling the store for a real checkpoint, not waiting for one
+    runner.join(timeout=600)
+    assert not failure, failure
+    assert killed_at is not None, "expert 0 finished before it could be interrupted"
+
+    resumed = store.info(0)["resumed_at"]
+    assert resumed and resumed[0] >= killed_at  # restarted from its last checkpoint, not from zero
+    reference = _reference(cfg, data, order, 2)
+    for i in range(2):
+        assert np.array_equal(store.load(i), reference[i])
+    assert not store.partial_path(0).exists()
+
+
+def _capture(failure, fn, *args):
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - surfaced by the test's assertion
+        failure.append(exc)
+
+
+def test_el2n_seeds_in_parallel_give_the_sequential_order(local_ray, tmp_path):
+    cfg = with_absolute_paths(tiny_config(tmp_path))
+    data = tiny_dataset()
+    parallel = distributed.difficulty_order(cfg, data)
+    sequential = stages.difficulty_order(cfg.model_copy(update={"store_dir": str(tmp_path / "seq")}), data, CPU,
+                                         progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(parallel, sequential))
+
+
+def test_distillation_from_object_refs_equals_distillation_from_files(local_ray, tmp_path):
+    cfg = with_absolute_paths(tiny_config(tmp_path))
+    data = tiny_dataset()
+    from_files = stages.ensure_experts(cfg, data, _order(data), CPU, progress=False)
+    store = TrajectoryStore(cfg.store_dir, cfg)
+    refs = distributed.put_trajectories(store, 2, distributed.last_sampled_epoch(cfg))
+    windows = ray.get(refs)
+    assert windows[0].dtype == np.float32 and not windows[0].flags.writeable  # zero-copy, read-only
+    assert len(windows[0]) == distributed.last_sampled_epoch(cfg) + 2 or len(windows[0]) == len(from_files[0])
+
+    a = distill(cfg, data, from_files, CPU, progress=False)
+    b = distill(cfg, data, windows, CPU, progress=False)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.syn_lr.item() == b.syn_lr.item()
+
+
+def test_distillation_window_keeps_sampled_rows_and_the_final_one():
+    trajectory = np.arange(11 * 3, dtype=np.float32).reshape(11, 3)
+    window = distributed.distillation_window(trajectory, 4)
+    assert np.array_equal(window[:5], trajectory[:5]) and np.array_equal(window[-1], trajectory[-1])
+    assert len(window) == 6
+    assert len(distributed.distillation_window(trajectory, 9)) == 11
