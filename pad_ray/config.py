@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -323,6 +325,22 @@ def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {_describe(errors[0], RunConfig)}") from None
 
 
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any) -> Any:
+    """`${VAR}` and `${VAR:-default}` in string values, from the environment: the same file serves a
+    laptop and a cluster job whose working directory is a copy."""
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    if isinstance(value, str):
+        return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)),
+                        value)
+    return value
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -336,7 +354,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
-    return {} if data is None else data
+    return {} if data is None else expand_env(data)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -344,6 +362,161 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if overrides:
         raw = deep_merge(raw, overrides) if isinstance(raw, dict) else raw
     return build_config(raw, str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps: a base run config, a search space, and how Tune and MLflow run it
+# --------------------------------------------------------------------------------------------
+
+# The four PAD knobs by their short names; any other dotted config key may be swept too.
+SPACE_ALIASES = {"ipc": "distill.ipc", "alpha": "distill.alpha", "ir": "schedule.init_ratio",
+                 "aee": "schedule.add_end_epoch"}
+FINITE_KINDS = ("grid", "choice")
+SAMPLED_KINDS = ("uniform", "loguniform", "quniform", "randint")
+
+
+class Axis(Section):
+    """One swept key: `grid`/`choice` (finite) or a distribution; a YAML list means `grid`."""
+
+    kind: Literal["grid", "choice", "uniform", "loguniform", "quniform", "randint"]
+    values: tuple[Any, ...]
+
+    @property
+    def finite(self) -> bool:
+        return self.kind in FINITE_KINDS
+
+    @model_validator(mode="after")
+    def _shape(self) -> Axis:
+        if self.finite and not self.values:
+            raise ValueError(f"{self.kind} needs at least one value")
+        arity = {"uniform": 2, "loguniform": 2, "randint": 2, "quniform": 3}.get(self.kind)
+        if arity and len(self.values) != arity:
+            raise ValueError(f"{self.kind} takes [{'low, high, q' if arity == 3 else 'low, high'}]")
+        return self
+
+
+class AshaConfig(Section):
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(1, ge=1)  # evaluations a trial runs before it can be stopped
+    max_t: int | None = Field(None, ge=1)  # evaluations at most; default: all of a trial's evaluations
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TrialResources(Section):
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    experiment: str | None = None  # default: the sweep's name
+
+
+class SweepConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: dict[str, Any]
+    space: dict[str, Axis]
+    asha: AshaConfig = AshaConfig()
+    trial_resources: TrialResources = TrialResources()
+    max_concurrent_trials: int = Field(0, ge=0)  # 0: as many as the cluster fits
+    num_samples: int = Field(1, ge=1)
+    max_failures: int = Field(1, ge=0)  # retries of a crashed trial, from its last checkpoint
+    storage_path: str = "runs/sweeps"
+    mlflow: MlflowConfig = MlflowConfig()
+
+    def path_of(self, key: str) -> str:
+        return SPACE_ALIASES.get(key, key)
+
+
+def _parse_axis(key: str, spec: Any) -> dict[str, Any]:
+    if isinstance(spec, list):
+        return {"kind": "grid", "values": spec}
+    if isinstance(spec, dict) and len(spec) == 1:
+        (kind, values), = spec.items()
+        return {"kind": kind, "values": values if isinstance(values, list) else [values]}
+    raise ConfigError(f"space.{key}: expected a list of values or one of "
+                      f"{{{', '.join(FINITE_KINDS + SAMPLED_KINDS)}: [...]}}")
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def trial_raw(sweep: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """The raw run config of one trial: the base, with IPC choosing its paper preset where the base
+    uses one (`cifar10-ipc10` -> `cifar10-ipc50`), then the sampled values."""
+    raw = copy.deepcopy(sweep.base)
+    preset = raw.get("preset") or ""
+    if "ipc" in params and preset in PRESETS and "-ipc" in preset:
+        candidate = f"{preset.rsplit('-ipc', 1)[0]}-ipc{params['ipc']}"
+        if candidate in PRESETS:
+            raw["preset"] = candidate
+    for key, value in params.items():
+        _set_dotted(raw, sweep.path_of(key), value)
+    return raw
+
+
+def trial_config(sweep: SweepConfig, params: dict[str, Any], source: str = "sweep") -> RunConfig:
+    return build_config(trial_raw(sweep, params), source)
+
+
+def finite_grid(sweep: SweepConfig, bound: int = 0) -> list[dict[str, Any]]:
+    """Every combination of the finite axes, distributions set to their lower (bound=0) or upper bound."""
+    combos: list[dict[str, Any]] = [{}]
+    for key, axis in sweep.space.items():
+        values = axis.values if axis.finite else axis.values[bound:bound + 1]
+        combos = [{**c, key: v} for c in combos for v in values]
+    return combos
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and validate a sweep file, including every trial config its finite grid produces."""
+    source = str(path)
+    raw = read_yaml(path)
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    space = raw.get("space")
+    if isinstance(space, dict):
+        raw = {**raw, "space": {k: _parse_axis_in(source, k, v) for k, v in space.items()}}
+    try:
+        sweep = SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise ConfigError(f"{source}: {_describe(errors[0], SweepConfig)}") from None
+    _check_space(sweep, source)
+    for params in finite_grid(sweep, 0) + finite_grid(sweep, 1):
+        try:
+            trial_config(sweep, params)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: trial {params}: {str(exc).removeprefix('sweep: ')}") from None
+    return sweep
+
+
+def _parse_axis_in(source: str, key: str, spec: Any) -> dict[str, Any]:
+    try:
+        return _parse_axis(key, spec)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check_space(sweep: SweepConfig, source: str) -> None:
+    if not sweep.space:
+        raise ConfigError(f"{source}: space: give at least one key to sweep (ipc, alpha, ir, aee, ...)")
+    for key, axis in sweep.space.items():
+        path = sweep.path_of(key)
+        section = path.split(".")[0]
+        if section == "data":
+            raise ConfigError(f"{source}: space.{key}: a sweep runs on one dataset; set data keys in base")
+        if not axis.finite and section not in ("distill", "evaluate"):
+            raise ConfigError(f"{source}: space.{key}: {axis.kind} is a distribution, but {path} selects an "
+                              "expert set, so it must be a finite list of values (grid or choice)")
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:

@@ -9,9 +9,10 @@ when the loss is above the threshold). The whole state can be checkpointed and r
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from pad_ray.evaluate import Scores, SyntheticSet, evaluate
 from pad_ray.experts import seeded_model
 from pad_ray.matching import GRADIENT_PATHS, depth_cut, plan_steps
 from pad_ray.models import FlatParams
-from pad_ray.runtime import derive_seed, generator
+from pad_ray.runtime import derive_seed, generator, peak_memory_mb
 
 Trajectory = np.ndarray  # [epochs + 1, P] float32; memory-mapped file or object-store buffer
 
@@ -141,6 +142,7 @@ class Distiller:
 
         self.iteration = 0
         self.skipped = 0
+        self.elapsed = 0.0  # seconds spent in outer iterations, across resumptions
         self.expert_order = torch.empty(0, dtype=torch.long)
         self.expert_cursor = 0
         self.best: dict[str, Any] = {"val": -1.0, "iteration": -1}
@@ -225,7 +227,8 @@ class Distiller:
             "syn_lr": self.syn_lr.detach().cpu(),
             "opt_images": self.opt_images.state_dict(), "opt_labels": self.opt_labels.state_dict(),
             "opt_lr": self.opt_lr.state_dict(), "generator": self.gen.get_state(),
-            "iteration": self.iteration, "skipped": self.skipped, "expert_order": self.expert_order,
+            "iteration": self.iteration, "skipped": self.skipped, "elapsed": self.elapsed,
+            "expert_order": self.expert_order,
             "expert_cursor": self.expert_cursor, "num_experts": len(self.trajectories), "best": self.best,
         }
 
@@ -241,7 +244,7 @@ class Distiller:
         self.opt_labels.load_state_dict(state["opt_labels"])
         self.opt_lr.load_state_dict(state["opt_lr"])
         self.gen.set_state(state["generator"])
-        self.iteration, self.skipped = state["iteration"], state["skipped"]
+        self.iteration, self.skipped, self.elapsed = state["iteration"], state["skipped"], state["elapsed"]
         self.expert_order, self.expert_cursor = state["expert_order"], state["expert_cursor"]
         self.best = state["best"]
 
@@ -253,17 +256,23 @@ class Distiller:
 
 
 def distill(cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], device: torch.device, *,
-            checkpoint: Path | None = None, report: Callable[[dict[str, Any]], None] | None = None,
+            state: dict[str, Any] | None = None,
+            on_eval: Callable[[Distiller, dict[str, Any]], None] | None = None,
             progress: bool = True) -> Distiller:
-    """Run (or resume from `checkpoint`) to `distill.iterations`, evaluating every `eval_every`
-    iterations and at the end; `report` receives each evaluation's metrics."""
+    """Run (or resume from a `state_dict`) to `distill.iterations`, evaluating every `eval_every`
+    iterations and at the end. `on_eval(distiller, metrics)` is where callers checkpoint and report;
+    `metrics["steps"]` holds the per-iteration statistics since the previous evaluation."""
     d = cfg.distill
     distiller = Distiller(cfg, data, trajectories, device)
-    if checkpoint is not None and checkpoint.is_file():
-        distiller.restore(checkpoint)
+    if state is not None:
+        distiller.load_state_dict(state)
     bar = tqdm(total=d.iterations, initial=distiller.iteration, desc="distill", disable=not progress)
+    steps: list[StepStats] = []
     while distiller.iteration < d.iterations:
+        began = time.perf_counter()
         stats = distiller.step()
+        distiller.elapsed += time.perf_counter() - began
+        steps.append(stats)
         bar.update(1)
         bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{stats.syn_lr:.4g}")
         if stats.iteration % d.eval_every == 0 or stats.iteration == d.iterations:
@@ -271,11 +280,12 @@ def distill(cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], d
             val, _ = Scores.summary(scores.val[cfg.model.name])
             test, _ = Scores.summary(scores.test[cfg.model.name])
             distiller.record_best(val)
-            if checkpoint is not None:
-                distiller.save(checkpoint)
-            if report is not None:
-                report({"iteration": stats.iteration, "loss": stats.loss, "skipped": distiller.skipped,
-                        "syn_lr": stats.syn_lr, "val_accuracy": val, "test_accuracy": test,
-                        "best_val_accuracy": distiller.best["val"]})
+            metrics = {"iteration": stats.iteration, "loss": stats.loss, "skipped": distiller.skipped,
+                       "syn_lr": stats.syn_lr, "val_accuracy": val, "test_accuracy": test,
+                       "best_val_accuracy": distiller.best["val"], "distill_time_s": distiller.elapsed,
+                       "peak_memory_mb": peak_memory_mb(device), "steps": [asdict(s) for s in steps]}
+            steps = []
+            if on_eval is not None:
+                on_eval(distiller, metrics)
     bar.close()
     return distiller

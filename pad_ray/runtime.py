@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import resource
 
 import torch
 
@@ -29,3 +30,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda requested but no CUDA device is available")
     return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: max allocated on CUDA, max resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

@@ -27,14 +27,15 @@ from pad_ray.schedule import check_schedule
 from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
 
-def load_data(cfg: RunConfig) -> datasets.Dataset:
+def load_data(cfg: RunConfig, max_ipc: int | None = None) -> datasets.Dataset:
     """The prepared dataset; settings that only the data can check are checked here, before any work."""
     d = cfg.data
     data = datasets.prepare(d.dataset, d.root, val_fraction=d.val_fraction, zca=d.zca, seed=cfg.seed,
                             train_per_class=d.train_per_class, test_size=d.test_size)
     smallest = int(torch.bincount(data.train.labels, minlength=data.num_classes).min())
-    if cfg.distill.ipc > smallest:
-        raise ConfigError(f"distill.ipc: {cfg.distill.ipc} is larger than the smallest class "
+    ipc = max_ipc or cfg.distill.ipc
+    if ipc > smallest:
+        raise ConfigError(f"distill.ipc: {ipc} is larger than the smallest class "
                           f"({smallest} training samples)")
     return data
 
@@ -123,12 +124,17 @@ def run_distillation(cfg: RunConfig, data: datasets.Dataset, trajectories: list[
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    def log(metrics: dict[str, Any]) -> None:
-        if progress:
-            tqdm.write(file=sys.stderr, s=" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    checkpoint = out / "checkpoint.pt"
 
-    distiller = distill(cfg, data, trajectories, device, checkpoint=out / "checkpoint.pt", report=log,
-                        progress=progress)
+    def on_eval(distiller: Distiller, metrics: dict[str, Any]) -> None:
+        distiller.save(checkpoint)
+        if progress:
+            shown = {k: v for k, v in metrics.items() if k != "steps"}
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()),
+                       file=sys.stderr)
+
+    state = files.load_torch(checkpoint) if checkpoint.is_file() else None
+    distiller = distill(cfg, data, trajectories, device, state=state, on_eval=on_eval, progress=progress)
     save_synthetic(out / "synthetic_best.npz", distiller.best_synthetic())
     save_synthetic(out / "synthetic_final.npz", distiller.synthetic())
     save_grid(out / "synthetic.png", distiller.best_synthetic(), data, cfg.distill.ipc)

@@ -5,6 +5,10 @@ An expert set lives in a directory named by a hash of everything that determines
 runs train the same experts twice and a run asking for more experts trains only the missing ones.
 Each expert is one `.npy` [epochs + 1, P] plus a JSON sidecar with its checksum, written atomically;
 a file whose checksum does not match is treated as missing.
+
+The store's root is a local directory or an fsspec URI (`s3://bucket/store`, `gs://...`), so workers
+on several machines can share one store; locations below it are built with `files.join`, which gives
+a `Path` on local disk and a URI string elsewhere.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def difficulty_identity(cfg: RunConfig) -> dict[str, Any]:
     data.pop("test_size")  # the test subset is drawn apart from the training split
     identity = {"data": data, "model": to_dict(cfg.model), "seed": cfg.seed}
     if cfg.difficulty.index_file:
-        identity["index_file_sha256"] = files.sha256(Path(cfg.difficulty.index_file))
+        identity["index_file_sha256"] = files.sha256(Path(cfg.difficulty.index_file))  # a Path: read from local disk
     else:
         identity["difficulty"] = to_dict(cfg.difficulty)
     return identity
@@ -48,41 +52,42 @@ def expert_identity(cfg: RunConfig) -> dict[str, Any]:
 class DifficultyCache:
     """Per-class easy -> hard orders, one `.npz` per identity."""
 
-    def __init__(self, root: str | Path, cfg: RunConfig):
+    def __init__(self, root: files.Location, cfg: RunConfig):
         self.identity = difficulty_identity(cfg)
-        self.path = Path(root) / "difficulty" / f"{_digest(self.identity)}.npz"
+        digest = _digest(self.identity)
+        self.path = files.join(root, "difficulty", f"{digest}.npz")
+        self.sidecar = files.join(root, "difficulty", f"{digest}.json")
 
     def load(self) -> list[torch.Tensor] | None:
-        sidecar = self.path.with_suffix(".json")
-        if not sidecar.is_file():
+        if not files.exists(self.sidecar):
             return None
         try:
-            arrays = files.load_arrays(self.path, files.read_json(sidecar)["sha256"])
+            arrays = files.load_arrays(self.path, files.read_json(self.sidecar)["sha256"])
         except (files.IntegrityError, ValueError, KeyError, TypeError, OSError):
             return None
         return [torch.from_numpy(arrays[f"class_{c}"]) for c in range(len(arrays))]
 
     def save(self, order: list[torch.Tensor]) -> None:
         digest = files.save_arrays(self.path, **{f"class_{c}": o.numpy() for c, o in enumerate(order)})
-        files.write_json(self.path.with_suffix(".json"), {"sha256": digest, "identity": self.identity})
+        files.write_json(self.sidecar, {"sha256": digest, "identity": self.identity})
 
 
 class TrajectoryStore:
     """One expert set: `expert_00007.npy` + `expert_00007.json` per expert, and `identity.json`."""
 
-    def __init__(self, root: str | Path, cfg: RunConfig):
+    def __init__(self, root: files.Location, cfg: RunConfig):
         self.identity = expert_identity(cfg)
         self.key = _digest(self.identity)
-        self.dir = Path(root) / "experts" / self.key
+        self.dir = files.join(root, "experts", self.key)
 
-    def _paths(self, index: int) -> tuple[Path, Path]:
-        stem = self.dir / f"expert_{index:05d}"
-        return stem.with_suffix(".npy"), stem.with_suffix(".json")
+    def _paths(self, index: int) -> tuple[Path | str, Path | str]:
+        stem = f"expert_{index:05d}"
+        return files.join(self.dir, f"{stem}.npy"), files.join(self.dir, f"{stem}.json")
 
     def is_valid(self, index: int) -> bool:
         """True when expert `index` is stored whole; its checksum is verified."""
         array_path, sidecar = self._paths(index)
-        if not (array_path.is_file() and sidecar.is_file()):
+        if not (files.exists(array_path) and files.exists(sidecar)):
             return False
         try:
             return files.sha256(array_path) == files.read_json(sidecar)["sha256"]
@@ -94,28 +99,29 @@ class TrajectoryStore:
 
     def save(self, index: int, trajectory: np.ndarray, resumed_at: list[int] | None = None) -> None:
         """Store a finished expert; `resumed_at` records the epochs it was resumed from after failures."""
-        if not (self.dir / "identity.json").is_file():
-            files.write_json(self.dir / "identity.json", self.identity)
+        identity = files.join(self.dir, "identity.json")
+        if not files.exists(identity):
+            files.write_json(identity, self.identity)
         array_path, sidecar = self._paths(index)
         trajectory = np.asarray(trajectory, dtype=np.float32)
         digest = files.save_array(array_path, trajectory)
         files.write_json(sidecar, {"sha256": digest, "shape": list(trajectory.shape),
                                    "resumed_at": resumed_at or []})
-        self.partial_path(index).unlink(missing_ok=True)
+        files.remove(self.partial_path(index))
 
     def info(self, index: int) -> dict[str, Any]:
         return files.read_json(self._paths(index)[1])
 
     # An expert in training checkpoints here after every epoch, so a killed worker loses one epoch.
-    def partial_path(self, index: int) -> Path:
-        return self.dir / "partial" / f"expert_{index:05d}.pt"
+    def partial_path(self, index: int) -> Path | str:
+        return files.join(self.dir, "partial", f"expert_{index:05d}.pt")
 
     def save_partial(self, index: int, state: dict[str, Any]) -> None:
         files.save_torch(self.partial_path(index), state)
 
     def load_partial(self, index: int) -> dict[str, Any] | None:
         path = self.partial_path(index)
-        if not path.is_file():
+        if not files.exists(path):
             return None
         try:
             return files.load_torch(path)
@@ -123,8 +129,9 @@ class TrajectoryStore:
             return None
 
     def load(self, index: int) -> np.ndarray:
-        """The trajectory [epochs + 1, P], memory-mapped read-only; IntegrityError if damaged."""
+        """The trajectory [epochs + 1, P], read-only (memory-mapped from local disk, read into memory
+        from a remote store); IntegrityError if damaged."""
         array_path, sidecar = self._paths(index)
-        if not sidecar.is_file():
+        if not files.exists(sidecar):
             raise files.IntegrityError(f"{sidecar}: missing")
         return files.load_array(array_path, files.read_json(sidecar)["sha256"])

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from pad_ray import files
 from pad_ray.config import ConfigError
 from pad_ray.distill import Distiller, DivergenceError, distill
 
@@ -107,13 +108,16 @@ def test_checkpoint_resume_gives_the_same_result(tiny, tmp_path):
 def test_distill_resumes_from_its_checkpoint_file(tiny, tmp_path):
     cfg, data, _, trajectories = tiny
     reports = []
-    straight = distill(cfg, data, trajectories, CPU, progress=False, report=reports.append)
+    straight = distill(cfg, data, trajectories, CPU, progress=False, on_eval=lambda d, m: reports.append(m))
     assert [r["iteration"] for r in reports] == [2, 4]
     assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in reports)
+    assert [s["iteration"] for r in reports for s in r["steps"]] == [1, 2, 3, 4]
+    assert reports[1]["distill_time_s"] > reports[0]["distill_time_s"] > 0
 
     checkpoint = tmp_path / "ckpt.pt"
-    distill(tiny_config(distill={"iterations": 2}), data, trajectories, CPU, checkpoint=checkpoint, progress=False)
-    resumed = distill(cfg, data, trajectories, CPU, checkpoint=checkpoint, progress=False)
+    distill(tiny_config(distill={"iterations": 2}), data, trajectories, CPU, progress=False,
+            on_eval=lambda d, m: d.save(checkpoint))
+    resumed = distill(cfg, data, trajectories, CPU, state=files.load_torch(checkpoint), progress=False)
     _same_state(straight, resumed)
     assert resumed.best["iteration"] in (2, 4)
 

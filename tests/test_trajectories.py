@@ -1,11 +1,14 @@
 """The content-addressed store (expert trajectories, difficulty orders) and the safe file helpers."""
 
+import io
 import os
 import pickle
 
+import fsspec
 import numpy as np
 import pytest
 import torch
+from fsspec.core import url_to_fs
 
 from conftest import tiny_config
 from pad_ray import files
@@ -266,3 +269,180 @@ def test_load_array_checks_the_checksum(tmp_path):
     np.testing.assert_array_equal(files.load_array(path, digest, mmap=False), np.arange(10))
     with pytest.raises(files.IntegrityError, match="checksum"):
         files.load_array(path, "f" * 64)
+
+
+# The same store on shared storage given as a URI. `memory://` is fsspec's in-memory filesystem: a
+# real backend taking the remote path (one write per object, reads into memory), unlike local disk.
+
+@pytest.fixture
+def memory_root():
+    """A store root on the in-memory filesystem, emptied afterwards (it is process-global)."""
+    memory = fsspec.filesystem("memory")
+    memory.store.clear()
+    yield "memory://pad-store"
+    memory.store.clear()
+
+
+def _put(location, data):
+    """Write an object behind the store's back (a damaged or hostile one)."""
+    fs, path = url_to_fs(location)
+    fs.pipe_file(path, data)
+
+
+def _get(location):
+    fs, path = url_to_fs(location)
+    return fs.cat_file(path)
+
+
+def _memory_objects():
+    return sorted(fsspec.filesystem("memory").store)
+
+
+def _memory_store(tmp_path, root, **sections):
+    cfg = tiny_config(tmp_path, **sections).model_copy(update={"store_dir": root})
+    return cfg, TrajectoryStore(cfg.store_dir, cfg)
+
+
+def test_uri_store_round_trip(tmp_path, memory_root):
+    _, store = _memory_store(tmp_path, memory_root)
+    assert store.dir == f"memory:///pad-store/experts/{store.key}"
+    assert store.missing(3) == [0, 1, 2]
+    first, third = _trajectory(0), _trajectory(2)
+    store.save(0, first)
+    store.save(2, third)
+    assert store.missing(3) == [1]
+    loaded = store.load(2)
+    assert loaded.dtype == np.float32 and loaded.shape == third.shape
+    np.testing.assert_array_equal(loaded, third.astype(np.float32))
+    # Read into memory, but read-only like the memory map a local store gives.
+    assert not isinstance(loaded, np.memmap) and not loaded.flags.writeable
+    np.testing.assert_array_equal(store.load(0), first.astype(np.float32))
+    assert files.load_array(store._paths(0)[0], store.info(0)["sha256"], mmap=False).flags.writeable
+    with pytest.raises(files.IntegrityError, match="missing"):
+        store.load(1)
+    assert files.read_json(files.join(store.dir, "identity.json")) == store.identity
+    assert store.info(0) == {"sha256": files.sha256(store._paths(0)[0]), "shape": [6, 37], "resumed_at": []}
+    # Exactly the objects of the layout, under the root, and nothing on local disk.
+    names = [f"/pad-store/experts/{store.key}/{name}" for name in
+             ("expert_00000.json", "expert_00000.npy", "expert_00002.json", "expert_00002.npy", "identity.json")]
+    assert _memory_objects() == names
+    assert not (tmp_path / "store").exists()
+
+
+def test_uri_store_partial_checkpoints(tmp_path, memory_root):
+    _, store = _memory_store(tmp_path, memory_root)
+    assert store.load_partial(0) is None
+    state = {"run": {"epoch": 2, "weights": torch.arange(3.0)}, "resumed_at": [1]}
+    store.save_partial(0, state)
+    assert files.exists(store.partial_path(0))
+    loaded = store.load_partial(0)
+    assert loaded["resumed_at"] == [1] and torch.equal(loaded["run"]["weights"], state["run"]["weights"])
+    # A damaged checkpoint is no checkpoint: the expert restarts rather than resume from it.
+    _put(store.partial_path(0), _get(store.partial_path(0))[:-50])
+    assert store.load_partial(0) is None
+    # Finishing the expert removes its checkpoint.
+    store.save_partial(0, state)
+    store.save(0, _trajectory(0), resumed_at=[1])
+    assert not files.exists(store.partial_path(0))
+    assert store.load_partial(0) is None
+    assert store.info(0)["resumed_at"] == [1]
+
+
+def _damage_object(location, how):
+    data = _get(location)
+    if how == "truncated":
+        _put(location, data[: len(data) // 2])
+    elif how == "altered":
+        _put(location, data[:-1] + bytes([data[-1] ^ 0x01]))
+    else:
+        files.remove(location)
+
+
+@pytest.mark.parametrize("how", ["truncated", "altered", "deleted"])
+def test_uri_store_damaged_expert_is_missing_and_never_loaded(tmp_path, memory_root, how):
+    _, store = _memory_store(tmp_path, memory_root)
+    store.save(0, _trajectory(0))
+    store.save(1, _trajectory(1))
+    _damage_object(store._paths(1)[0], how)
+    assert store.is_valid(0) and not store.is_valid(1)
+    assert store.missing(2) == [1]
+    with pytest.raises(files.IntegrityError):
+        store.load(1)
+    store.save(1, _trajectory(1))  # retraining repairs it
+    assert store.missing(2) == []
+    np.testing.assert_array_equal(store.load(1), _trajectory(1).astype(np.float32))
+
+
+def test_uri_difficulty_cache_round_trip(tmp_path, memory_root):
+    cfg = tiny_config(tmp_path).model_copy(update={"store_dir": memory_root})
+    cache = DifficultyCache(cfg.store_dir, cfg)
+    assert cache.load() is None
+    cache.save(_order())
+    loaded = DifficultyCache(memory_root, cfg).load()
+    assert [o.tolist() for o in loaded] == [o.tolist() for o in _order()]
+    assert all(o.dtype == torch.int64 for o in loaded)
+    _damage_object(cache.path, "altered")
+    assert cache.load() is None
+
+
+def test_uri_load_torch_refuses_a_malicious_pickle_without_running_it(tmp_path, memory_root):
+    marker = tmp_path / "pwned"
+    location = files.join(memory_root, "ckpt.pt")
+    _put(location, pickle.dumps(_Payload(marker), protocol=2))
+    with pytest.raises(files.IntegrityError, match="unreadable checkpoint"):
+        files.load_torch(location)
+    assert not marker.exists()
+    with pytest.raises(files.IntegrityError, match="missing"):
+        files.load_torch(f"{memory_root}/absent.pt")
+
+
+def test_uri_load_arrays_refuses_an_object_array(memory_root):
+    buffer = io.BytesIO()
+    np.savez(buffer, fine=np.arange(3), bad=np.array([{"a": 1}, None], dtype=object))
+    location = files.join(memory_root, "objects.npz")
+    _put(location, buffer.getvalue())
+    with pytest.raises(files.IntegrityError, match="not a plain-array file"):
+        files.load_arrays(location)
+    with pytest.raises(files.IntegrityError, match="not a plain-array file"):
+        files.load_arrays(location, files.sha256(location))  # a matching checksum does not make it safe
+
+
+class _Exploding:
+    """An array whose conversion fails, so `np.savez` dies after writing the entries before it."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_failed_write_leaves_the_previous_object_whole(tmp_path, memory_root, where):
+    location = files.join(tmp_path if where == "local" else memory_root, "a.npz")
+    digest = files.save_arrays(location, x=np.arange(5))
+    with pytest.raises(RuntimeError, match="boom"):
+        files.save_arrays(location, x=np.arange(7), y=_Exploding())
+    np.testing.assert_array_equal(files.load_arrays(location, digest)["x"], np.arange(5))
+    fresh = files.join(tmp_path if where == "local" else memory_root, "never.npz")
+    with pytest.raises(RuntimeError, match="boom"):
+        files.save_arrays(fresh, x=np.arange(7), y=_Exploding())
+    assert not files.exists(fresh)
+    assert _leftovers(tmp_path) == []
+
+
+def test_file_uri_and_plain_path_name_the_same_store(tmp_path):
+    cfg = tiny_config(tmp_path)
+    plain = TrajectoryStore(str(tmp_path / "store"), cfg)
+    uri = TrajectoryStore(f"file://{tmp_path / 'store'}", cfg)
+    as_path = TrajectoryStore(tmp_path / "store", cfg)
+    assert uri.dir == plain.dir == as_path.dir == tmp_path / "store" / "experts" / plain.key
+    assert uri.partial_path(0) == plain.partial_path(0)
+    uri.save(0, _trajectory(0))
+    loaded = plain.load(0)
+    assert isinstance(loaded, np.memmap)  # local disk stays memory-mapped whichever way it is named
+    np.testing.assert_array_equal(loaded, _trajectory(0).astype(np.float32))
+    assert plain.missing(2) == uri.missing(2) == [1]
+    assert DifficultyCache(f"file://{tmp_path / 'store'}", cfg).path == DifficultyCache(cfg.store_dir, cfg).path
+
+
+def test_remote_names_are_canonical(memory_root):
+    assert files.join("memory://pad-store/", "a", "b.npy") == files.join("memory:///pad-store", "a", "b.npy")
+    assert files.join("memory://pad-store", "a") == "memory:///pad-store/a"

@@ -1,0 +1,94 @@
+"""The end of a sweep: a results table (console and CSV), the best config as a ready-to-run YAML, and
+plots of accuracy against alpha per IPC and against IR x AEE, all logged to the sweep's parent run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: sweeps run on headless nodes
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from pad_ray.config import SweepConfig, to_dict, trial_config  # noqa: E402
+
+SCORE = "best_val_accuracy"  # selection is on validation, never on test
+
+
+def results_table(results, sweep: SweepConfig) -> pd.DataFrame:
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        rows.append({
+            **{key: (result.config or {}).get(key) for key in sweep.space},
+            SCORE: metrics.get(SCORE),
+            "final_test_accuracy": metrics.get("final_test_accuracy"),
+            "final_test_std": metrics.get("final_test_std"),
+            "iterations": metrics.get("iteration"),
+            "status": "error" if result.error else ("done" if "final_test_accuracy" in metrics else "stopped"),
+            "error": str(result.error).strip().splitlines()[-1][:200] if result.error else "",
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_alpha(table: pd.DataFrame, path: Path) -> bool:
+    if "alpha" not in table or table["alpha"].nunique() < 2:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    groups = table.groupby("ipc") if "ipc" in table else [("all", table)]
+    for ipc, group in groups:
+        points = group.dropna(subset=[SCORE]).groupby("alpha")[SCORE].max()
+        ax.plot(points.index, points.values, marker="o", label=f"IPC {ipc}")
+    ax.set(xlabel="alpha (fraction of shallow parameters dropped)", ylabel="best validation accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_ir_aee(table: pd.DataFrame, path: Path) -> bool:
+    if not {"ir", "aee"} <= set(table) or table[["ir", "aee"]].drop_duplicates().shape[0] < 2:
+        return False
+    grid = table.dropna(subset=[SCORE]).pivot_table(index="ir", columns="aee", values=SCORE, aggfunc="max")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    image = ax.imshow(grid.values, cmap="viridis", aspect="auto")
+    ax.set(xticks=range(len(grid.columns)), xticklabels=grid.columns, yticks=range(len(grid.index)),
+           yticklabels=grid.index, xlabel="AEE (epoch hard samples are all added)", ylabel="IR (initial ratio)")
+    for (i, j), value in pd.DataFrame(grid.values).stack().items():
+        ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white")
+    fig.colorbar(image, label="best validation accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def summarize(results, sweep: SweepConfig, out: Path, client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
+    out.mkdir(parents=True, exist_ok=True)
+    table = results_table(results, sweep).sort_values(SCORE, ascending=False, na_position="last")
+    print(table.to_string(index=False))
+    written = [out / "results.csv"]
+    table.to_csv(written[0], index=False)
+    ranked = table.dropna(subset=[SCORE])
+    if not ranked.empty:
+        params = {key: _plain(ranked.iloc[0][key]) for key in sweep.space}
+        best = to_dict(trial_config(sweep, params))
+        written.append(out / "best_config.yaml")
+        written[-1].write_text(f"# best trial of sweep {sweep.name} by {SCORE}: {params}\n"
+                               + yaml.safe_dump(best, sort_keys=False))
+    for name, plot in (("accuracy_vs_alpha.png", plot_alpha), ("accuracy_vs_ir_aee.png", plot_ir_aee)):
+        if plot(table, out / name):
+            written.append(out / name)
+    for path in written:
+        client.log_artifact(parent_run_id, str(path))
+    return table
+
+
+def _plain(value):
+    """numpy scalars from pandas back to Python values for YAML and the config."""
+    return value.item() if hasattr(value, "item") else value

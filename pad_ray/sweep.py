@@ -1,0 +1,190 @@
+"""`python -m pad_ray.sweep SWEEP.yaml`: PAD distillation trials over IPC, alpha, IR and AEE on Ray Tune.
+
+The driver validates the whole sweep, makes the expert sets the space needs (Ray Train, reusing the
+store), puts their trajectories in the object store, and runs one Tune function trial per sampled
+config with ASHA on validation accuracy. Trials checkpoint at every evaluation; a crashed trial is
+retried from its last checkpoint, a diverged one fails with its reason while the others go on, and
+running the same command again resumes an interrupted sweep. MLflow gets a parent run per invocation
+and a child run per trial; the end brings a results table, the best config and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from pad_ray import distributed, files, report, stages, tracking
+from pad_ray.cli import parse_overrides
+from pad_ray.config import (ConfigError, RunConfig, SweepConfig, finite_grid, load_sweep, to_dict, trial_config,
+                            with_absolute_paths)
+from pad_ray.data import DataError, Dataset
+from pad_ray.distill import Distiller, distill
+from pad_ray.trajectories import TrajectoryStore
+
+PARENT_RUN_ENV = "PAD_RAY_MLFLOW_PARENT_RUN"
+
+
+# -- the trial --------------------------------------------------------------------------------
+
+def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: Dataset,
+              experts: dict[str, list[ray.ObjectRef]], threads: int) -> None:
+    """One PAD distillation, reporting (and checkpointing) at every evaluation. `data` arrives through
+    `tune.with_parameters` (one object-store copy for all trials); trajectories are fetched zero-copy."""
+    torch.set_num_threads(threads)
+    cfg = trial_config(SweepConfig.model_validate(sweep), params)
+    device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    dataset = data
+    trajectories = ray.get(experts[TrajectoryStore(cfg.store_dir, cfg).key])
+
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = files.load_torch(Path(folder) / "state.pt")
+
+    def on_eval(distiller: Distiller, metrics: dict[str, Any]) -> None:
+        # Every checkpoint carries the current best set and its grid, so a trial that ASHA stops
+        # early still leaves them in MLflow.
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder)
+            distiller.save(out / "state.pt")
+            best = distiller.best_synthetic()
+            stages.save_synthetic(out / "synthetic_best.npz", best)
+            stages.save_grid(out / "synthetic.png", best, dataset, cfg.distill.ipc)
+            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            if metrics["iteration"] == cfg.distill.iterations:
+                metrics.update(_final_evaluation(cfg, dataset, best, device))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    distill(cfg, dataset, trajectories, device, state=state, on_eval=on_eval, progress=False)
+
+
+def _final_evaluation(cfg: RunConfig, data: Dataset, best, device: torch.device) -> dict[str, float]:
+    """`evaluate.num_nets` fresh nets on the best set (chosen on validation)."""
+    evaluation = stages.final_evaluation(cfg, data, best, device)[cfg.model.name]
+    return {"final_test_accuracy": evaluation["test_mean"], "final_test_std": evaluation["test_std"],
+            "final_val_accuracy": evaluation["val_mean"]}
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+def _absolute_base(sweep: SweepConfig) -> SweepConfig:
+    """Pin the base's paths to absolute ones here: trials run in other directories and processes."""
+    cfg = with_absolute_paths(trial_config(sweep, finite_grid(sweep)[0]))
+    base = {**sweep.base, "output_dir": cfg.output_dir, "store_dir": cfg.store_dir,
+            "data": {**sweep.base.get("data", {}), "root": cfg.data.root}}
+    if cfg.difficulty.index_file:
+        base["difficulty"] = {**sweep.base.get("difficulty", {}), "index_file": cfg.difficulty.index_file}
+    return sweep.model_copy(update={"base": base,
+                                    "storage_path": str(Path(sweep.storage_path).resolve())})
+
+
+def _expert_sets(sweep: SweepConfig) -> dict[str, tuple[RunConfig, int, int]]:
+    """Distinct expert sets of the space: store key -> (a config, last sampled epoch, experts needed)."""
+    groups: dict[str, tuple[RunConfig, int, int]] = {}
+    for params in finite_grid(sweep, 0) + finite_grid(sweep, 1):
+        cfg = trial_config(sweep, params)
+        key = TrajectoryStore(cfg.store_dir, cfg).key
+        last, count = distributed.last_sampled_epoch(cfg), cfg.experts.num_experts
+        if key in groups:
+            _, seen_last, seen_count = groups[key]
+            last, count = max(last, seen_last), max(count, seen_count)
+            cfg = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"num_experts": count})})
+        groups[key] = (cfg, last, count)
+    return groups
+
+
+def _param_space(sweep: SweepConfig) -> dict[str, Any]:
+    samplers = {"grid": tune.grid_search, "choice": tune.choice}
+    space = {}
+    for key, axis in sweep.space.items():
+        if axis.kind in samplers:
+            space[key] = samplers[axis.kind](list(axis.values))
+        else:
+            space[key] = getattr(tune, axis.kind)(*axis.values)
+    return space
+
+
+def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    sweep = _absolute_base(sweep)
+    first = trial_config(sweep, finite_grid(sweep)[0])
+    uri = tracking.resolve_tracking_uri(sweep.mlflow.tracking_uri)
+    client = MlflowClient(uri)
+    experiment_id = tracking.open_experiment(client, sweep.mlflow.experiment or sweep.name, uri)
+
+    data = stages.load_data(first, max_ipc=max(trial_config(sweep, p).distill.ipc for p in finite_grid(sweep)))
+    ray.init(log_to_driver=True)
+    experts = {}
+    for key, (cfg, last_epoch, count) in _expert_sets(sweep).items():
+        order = distributed.difficulty_order(cfg, data)
+        store = distributed.generate_experts(cfg, data, order)
+        experts[key] = distributed.put_trajectories(store, count, last_epoch)
+
+    parent = client.create_run(experiment_id, run_name=f"{sweep.name} sweep", tags={"sweep": sweep.name})
+    os.environ[PARENT_RUN_ENV] = parent.info.run_id
+    max_t = sweep.asha.max_t or -(-first.distill.iterations // first.distill.eval_every)
+    threads = max(1, int(sweep.trial_resources.cpu))
+    trainable = tune.with_resources(
+        tune.with_parameters(pad_trial, sweep=sweep.model_dump(mode="json"), data=data, experts=experts,
+                             threads=threads),
+        {"cpu": sweep.trial_resources.cpu, "gpu": sweep.trial_resources.gpu})
+    path = Path(sweep.storage_path) / sweep.name
+    if tune.Tuner.can_restore(path):
+        # Finished and failed trials stay as they are; unfinished ones continue from their checkpoints.
+        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        callback = tracking.MlflowSweepCallback(uri, experiment_id, sweep.name, PARENT_RUN_ENV, max_t,
+                                                sweep.model_dump(mode="json"))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(sweep),
+            tune_config=tune.TuneConfig(
+                scheduler=ASHAScheduler(metric=sweep.asha.metric, mode=sweep.asha.mode, max_t=max_t,
+                                        grace_period=sweep.asha.grace_period,
+                                        reduction_factor=sweep.asha.reduction_factor),
+                num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials or None,
+                search_alg=BasicVariantGenerator(random_state=first.seed)),
+            run_config=tune.RunConfig(
+                name=sweep.name, storage_path=sweep.storage_path, callbacks=[callback],
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+        )
+    results = tuner.fit()
+    report.summarize(results, sweep, path, client, parent.info.run_id)
+    client.set_terminated(parent.info.run_id)
+    print(f"MLflow: mlflow ui --backend-store-uri {uri}", file=sys.stderr)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pad_ray.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", type=Path, help="sweep YAML (see sweeps/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one sweep key, e.g. --set base.distill.iterations=20")
+    args = parser.parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep, parse_overrides(args.overrides))
+        results = run_sweep(sweep)
+    except (ConfigError, DataError, files.IntegrityError) as exc:
+        print(f"pad_ray.sweep: error: {exc}", file=sys.stderr)
+        return 2
+    finished = [r for r in results if r.error is None]
+    return 0 if finished else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
