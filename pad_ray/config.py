@@ -283,7 +283,7 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     key = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         allowed = _fields_at(model, loc[:-1])
-        hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
         suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(sorted(allowed))}"
         return f"{key}: unknown key{suggestion}"
     if error["type"] == "missing":
