@@ -89,13 +89,13 @@ def test_diverging_trial_fails_with_its_reason_while_the_others_finish(home, tmp
     assert by_lr["100"].info.status == "FINISHED" and "final_test_accuracy" in by_lr["100"].data.metrics
 
 
-def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(home):
-    driver = subprocess.Popen(sweep_command(SMOKE), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(home, tmp_path):
+    log = open(tmp_path / "driver.log", "w")  # a file, not a pipe nobody reads: a full pipe blocks the driver
+    driver = subprocess.Popen(sweep_command(SMOKE), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     done_before: dict[str, int] = {}
     while not done_before and time.monotonic() < deadline and driver.poll() is None:
-        if (home / "mlflow.db").exists():
+        if (home / "sweeps" / "smoke").exists():  # Tune has started: MLflow's tables exist by then
             client, trials, _ = children(home)
             done_before = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "step_loss"))
                            for r in trials if r.info.status == "FINISHED"}
@@ -103,6 +103,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(home):
     assert done_before, "no trial finished before the sweep ended"
     driver.send_signal(signal.SIGINT)
     driver.wait(timeout=300)
+    log.close()
     _, trials, _ = children(home)
     assert len(trials) < 8 or any(r.info.status == "RUNNING" for r in trials), "sweep was not interrupted"
 
