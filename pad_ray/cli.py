@@ -41,6 +41,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return tree
 
 
+def input_error(exc: Exception, source: Path) -> str:
+    """One line naming the file and the key, also for errors found after the config was read."""
+    message = str(exc).splitlines()[0]
+    if isinstance(exc, DataError):
+        message = f"data.root: {message}"
+    if isinstance(exc, files.IntegrityError) or message.startswith(str(source)):
+        return message
+    return f"{source}: {message}"
+
+
 def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path | None) -> dict[str, Any]:
     # Imported here so that `pad-ray --help` and config errors stay fast.
     import torch
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = with_absolute_paths(load_config(args.config, parse_overrides(args.overrides)))
         result = run_stage(args.stage, cfg, args.out, args.synthetic)
     except (ConfigError, DataError, files.IntegrityError) as exc:
-        print(f"pad-ray: error: {exc}", file=sys.stderr)
+        print(f"pad-ray: error: {input_error(exc, args.config)}", file=sys.stderr)
         return 2
     except DivergenceError as exc:
         print(f"pad-ray: diverged: {exc}", file=sys.stderr)

@@ -32,15 +32,16 @@ def use_gpu(cfg: RunConfig) -> bool:
     return bool(cfg.resources.use_gpu)
 
 
-def _task_device() -> torch.device:
-    return torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+def task_device() -> torch.device:
+    """CUDA when Ray gave this task a GPU that torch can see (fake GPUs of a test cluster are not)."""
+    return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
 
 
 @ray.remote
 def _el2n_task(train: Split, num_classes: int, cfg: dict[str, Any], seed: int, threads: int) -> torch.Tensor:
     torch.set_num_threads(threads)
     run = RunConfig.model_validate(cfg)
-    return el2n_run(train, num_classes, run.model, run.difficulty, seed, _task_device())
+    return el2n_run(train, num_classes, run.model, run.difficulty, seed, task_device())
 
 
 def difficulty_order(cfg: RunConfig, data: Dataset) -> list[torch.Tensor]:
@@ -68,7 +69,7 @@ def _expert_worker(loop: dict[str, Any]) -> None:
     context = ray.train.get_context()
     torch.set_num_threads(loop["threads"])
     cfg = RunConfig.model_validate(loop["config"])
-    device = ray.train.torch.get_device()
+    device = task_device()
     images, labels = ray.get(loop["images"]), ray.get(loop["labels"])
     train = Split(torch.from_numpy(images.copy()).to(device), torch.from_numpy(labels.copy()).to(device),
                   torch.arange(len(labels)))
@@ -86,7 +87,7 @@ def _expert_worker(loop: dict[str, Any]) -> None:
 def generate_experts(cfg: RunConfig, data: Dataset, order: list[torch.Tensor]) -> TrajectoryStore:
     """Train the experts the store lacks on Ray Train; returns the store (complete)."""
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     check_schedule(order, cfg.schedule, cfg.experts.epochs)
     store = TrajectoryStore(cfg.store_dir, cfg)
@@ -104,6 +105,7 @@ def generate_experts(cfg: RunConfig, data: Dataset, order: list[torch.Tensor]) -
     trainer = TorchTrainer(
         _expert_worker,
         train_loop_config=loop,
+        torch_config=TorchConfig(backend="gloo"),  # experts are independent: no collectives, no NCCL
         scaling_config=ScalingConfig(num_workers=min(cfg.resources.workers, len(missing)), use_gpu=gpu,
                                      resources_per_worker=resources),
         run_config=TrainRunConfig(name=f"experts-{store.key}", storage_path=f"{cfg.output_dir}/ray_train",

@@ -28,6 +28,8 @@ from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from pad_ray.config import ConfigError
+
 Location = str | os.PathLike[str]  # a local path or an fsspec URI
 
 
@@ -125,6 +127,18 @@ def _verified(loc: Location, expected_sha256: str | None) -> str | io.BytesIO:
     return io.BytesIO(data)
 
 
+def check_writable(loc: Location, key: str) -> None:
+    """Fail early, and without creating anything, when a local output location cannot be written."""
+    fs, path, local = _resolve(loc)
+    if not local:
+        return  # object stores are checked by their first write
+    existing = Path(path)
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: cannot write under {path} ({existing} is not a writable directory)")
+
+
 def sha256(loc: Location) -> str:
     """Streamed in 4 MiB blocks, so a 1 GB trajectory is never held whole just to hash it."""
     fs, path, _ = _resolve(loc)
@@ -153,9 +167,12 @@ def load_array(loc: Location, expected_sha256: str, mmap: bool = True) -> np.nda
     """Load an `.npy` whose sha256 must match. With `mmap` the result is read-only: memory-mapped
     from local disk (zero-copy), or an in-memory copy of a remote object marked read-only alike."""
     source = _verified(loc, expected_sha256)
-    if isinstance(source, str):
-        return np.load(source, mmap_mode="r" if mmap else None, allow_pickle=False)
-    array = np.load(source, allow_pickle=False)
+    try:
+        if isinstance(source, str):
+            return np.load(source, mmap_mode="r" if mmap else None, allow_pickle=False)
+        array = np.load(source, allow_pickle=False)
+    except (ValueError, OSError) as exc:  # a pickle or anything else that is not a plain .npy
+        raise IntegrityError(f"{loc}: not a plain-array file ({exc})") from None
     array.flags.writeable = not mmap
     return array
 

@@ -30,6 +30,8 @@ from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 def load_data(cfg: RunConfig, max_ipc: int | None = None) -> datasets.Dataset:
     """The prepared dataset; settings that only the data can check are checked here, before any work."""
     d = cfg.data
+    if cfg.difficulty.index_file and not Path(cfg.difficulty.index_file).is_file():
+        raise ConfigError(f"difficulty.index_file: file not found: {cfg.difficulty.index_file}")
     data = datasets.prepare(d.dataset, d.root, val_fraction=d.val_fraction, zca=d.zca, seed=cfg.seed,
                             train_per_class=d.train_per_class, test_size=d.test_size)
     smallest = int(torch.bincount(data.train.labels, minlength=data.num_classes).min())

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from pad_ray import distributed, files, report, stages, tracking
-from pad_ray.cli import parse_overrides
+from pad_ray.cli import input_error, parse_overrides
 from pad_ray.config import (ConfigError, RunConfig, SweepConfig, finite_grid, load_sweep, to_dict, trial_config,
                             with_absolute_paths)
 from pad_ray.data import DataError, Dataset
@@ -42,7 +42,7 @@ def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: Dataset,
     `tune.with_parameters` (one object-store copy for all trials); trajectories are fetched zero-copy."""
     torch.set_num_threads(threads)
     cfg = trial_config(SweepConfig.model_validate(sweep), params)
-    device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    device = distributed.task_device()
     dataset = data
     trajectories = ray.get(experts[TrajectoryStore(cfg.store_dir, cfg).key])
 
@@ -119,13 +119,18 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    # Everything that can be wrong with the input is checked before anything is written or trained.
     sweep = _absolute_base(sweep)
     first = trial_config(sweep, finite_grid(sweep)[0])
+    data = stages.load_data(first, max_ipc=max(trial_config(sweep, p).distill.ipc for p in finite_grid(sweep)))
+    for key, where in (("storage_path", sweep.storage_path), ("base.output_dir", first.output_dir),
+                       ("base.store_dir", first.store_dir)):
+        files.check_writable(where, key)
     uri = tracking.resolve_tracking_uri(sweep.mlflow.tracking_uri)
+    tracking.check_reachable(uri)
     client = MlflowClient(uri)
     experiment_id = tracking.open_experiment(client, sweep.mlflow.experiment or sweep.name, uri)
 
-    data = stages.load_data(first, max_ipc=max(trial_config(sweep, p).distill.ipc for p in finite_grid(sweep)))
     ray.init(log_to_driver=True)
     experts = {}
     for key, (cfg, last_epoch, count) in _expert_sets(sweep).items():
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_sweep(args.sweep, parse_overrides(args.overrides))
         results = run_sweep(sweep)
     except (ConfigError, DataError, files.IntegrityError) as exc:
-        print(f"pad_ray.sweep: error: {exc}", file=sys.stderr)
+        print(f"pad_ray.sweep: error: {input_error(exc, args.sweep)}", file=sys.stderr)
         return 2
     finished = [r for r in results if r.error is None]
     return 0 if finished else 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,19 @@ def resolve_tracking_uri(uri: str) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         return prefix + str(path)
     return uri
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """An http(s) tracking server must answer its health check before any compute starts
+    (MLflow's own client would retry for minutes)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            response.read()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"mlflow.tracking_uri: cannot reach {tracking_uri} ({reason})") from None
 
 
 def open_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
