@@ -127,6 +127,9 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
                        ("base.store_dir", first.store_dir)):
         files.check_writable(where, key)
     uri = tracking.resolve_tracking_uri(sweep.mlflow.tracking_uri)
+    # Fail fast instead of MLflow's minutes of retries: the callback holds updates during an outage.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     tracking.check_reachable(uri)
     client = MlflowClient(uri)
     experiment_id = tracking.open_experiment(client, sweep.mlflow.experiment or sweep.name, uri)

@@ -8,8 +8,10 @@ built-in callback logs metric by metric, about five times slower) and finds a tr
 from __future__ import annotations
 
 import os
+import sys
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,20 +78,44 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+@dataclass
+class _Update:
+    """One logging event, as plain data, so it can wait while the tracking server is away."""
+
+    trial_id: str
+    trial_name: str
+    config: dict[str, Any]
+    kind: str  # start | result | complete | error
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
 class MlflowSweepCallback(Callback):
     """Tune pickles its callbacks with the experiment so that a restored sweep gets them back: this
-    one keeps only plain settings and opens its client lazily. The parent run is read from the
-    environment because each invocation (including a resume) opens its own."""
+    one keeps only plain settings and updates and opens its client lazily. The parent run is read
+    from the environment because each invocation (including a resume) opens its own.
+
+    Updates are applied in order; while the server cannot be reached they are held and retried at
+    the next event, so a trial's metrics reach MLflow when the server returns. If it is still away
+    when the sweep ends, that is said plainly (Tune's own result files keep every metric)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, sweep_name: str, parent_env: str, max_t: int,
                  sweep: dict[str, Any]):
         self.tracking_uri, self.experiment_id, self.sweep_name = tracking_uri, experiment_id, sweep_name
         self.parent_env, self.max_t, self.sweep = parent_env, max_t, sweep
+        self.pending: list[_Update] = []
         self._client: MlflowClient | None = None
-        self.runs: dict[str, str] = {}
+        self._runs: dict[str, str] = {}
+        self._outage = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None, "runs": {}}
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
+                "sweep_name": self.sweep_name, "parent_env": self.parent_env, "max_t": self.max_t,
+                "sweep": self.sweep, "pending": self.pending}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(*(state[k] for k in ("tracking_uri", "experiment_id", "sweep_name", "parent_env",
+                                            "max_t", "sweep")))
+        self.pending = state.get("pending", [])
 
     @property
     def client(self) -> MlflowClient:
@@ -97,27 +123,96 @@ class MlflowSweepCallback(Callback):
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
-    def run_id(self, trial) -> str:
-        if trial.trial_id in self.runs:
-            return self.runs[trial.trial_id]
+    # -- Tune events become updates ---------------------------------------------------------------
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._record(trial, "start")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        now = int(time.time() * 1000)
+        step = int(result.get("iteration", result.get("training_iteration", 0)))
+        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
+                   if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for stats in result.get("steps", []):
+            metrics += [Metric(f"step_{k}", float(stats[k]), now, int(stats["iteration"])) for k in _PER_STEP]
+        self._record(trial, "result", metrics=metrics)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        checkpoint = trial.checkpoint
+        artifacts = [] if checkpoint is None else [
+            str(p) for p in sorted(Path(checkpoint.path).iterdir()) if p.suffix in (".png", ".npz", ".json", ".yaml")]
+        stopped_early = (trial.last_result or {}).get("training_iteration", 0) < self.max_t
+        self._record(trial, "complete", artifacts=artifacts, stopped_early=stopped_early)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._record(trial, "error", reason=_error_reason(trial))
+
+    def on_experiment_end(self, trials, **info):
+        if not self.flush():
+            held = sorted({u.trial_name for u in self.pending})
+            print(f"pad_ray.sweep: error: MLflow at {self.tracking_uri} is still unreachable; "
+                  f"{len(self.pending)} updates of {', '.join(held)} were not logged (Tune's result files "
+                  "keep every metric; rerun the command once the server is back to log them)", file=sys.stderr)
+
+    # -- updates reach MLflow ---------------------------------------------------------------------
+
+    def _record(self, trial, kind: str, **payload: Any) -> None:
+        self.pending.append(_Update(trial.trial_id, str(trial), dict(trial.config), kind, payload))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Apply held updates in order; False (and they stay held) when the server cannot be reached."""
+        while self.pending:
+            try:
+                self._apply(self.pending[0])
+            except Exception as exc:  # noqa: BLE001 - any failure to log is retried at the next event
+                if not self._outage:
+                    print(f"pad_ray.sweep: MLflow at {self.tracking_uri} unreachable "
+                          f"({str(exc).splitlines()[0][:200]}); holding updates", file=sys.stderr)
+                    self._outage = True
+                return False
+            self.pending.pop(0)
+        if self._outage:
+            print(f"pad_ray.sweep: MLflow at {self.tracking_uri} is back; held updates logged", file=sys.stderr)
+            self._outage = False
+        return True
+
+    def _apply(self, update: _Update) -> None:
+        run_id = self._run_id(update)
+        if update.kind == "start":
+            self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        elif update.kind == "result":
+            self._batch(run_id, metrics=update.payload["metrics"])
+        elif update.kind == "complete":
+            for path in update.payload["artifacts"]:
+                if Path(path).is_file():  # Tune may have pruned an old checkpoint meanwhile
+                    self.client.log_artifact(run_id, path)
+            self._batch(run_id, tags=[RunTag("stopped_early", str(update.payload["stopped_early"]).lower())])
+            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        else:
+            self._batch(run_id, tags=[RunTag("failure_reason", update.payload["reason"][:5000])])
+            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+    def _run_id(self, update: _Update) -> str:
+        """The trial's run: found by its tags (a resumed sweep reuses it), else created with its params."""
+        if update.trial_id in self._runs:
+            return self._runs[update.trial_id]
         found = self.client.search_runs(
             [self.experiment_id],
-            f"tags.trial_id = '{trial.trial_id}' and tags.sweep = '{self.sweep_name}'", max_results=1)
+            f"tags.trial_id = '{update.trial_id}' and tags.sweep = '{self.sweep_name}'", max_results=1)
         if found:
             run_id = found[0].info.run_id
         else:
-            cfg = trial_config(SweepConfig.model_validate(self.sweep), trial.config)
-            resolved = to_dict(cfg)
-            run = self.client.create_run(self.experiment_id, tags={
-                MLFLOW_PARENT_RUN_ID: os.environ[self.parent_env], MLFLOW_RUN_NAME: str(trial),
-                "trial_id": trial.trial_id, "sweep": self.sweep_name})
-            run_id = run.info.run_id
+            cfg = trial_config(SweepConfig.model_validate(self.sweep), update.config)
+            run_id = self.client.create_run(self.experiment_id, tags={
+                MLFLOW_PARENT_RUN_ID: os.environ[self.parent_env], MLFLOW_RUN_NAME: update.trial_name,
+                "trial_id": update.trial_id, "sweep": self.sweep_name}).info.run_id
             pad = {"ipc": cfg.distill.ipc, "alpha": cfg.distill.alpha, "ir": cfg.schedule.init_ratio,
                    "aee": cfg.schedule.add_end_epoch}
-            params = {**{f"config.{k}": v for k, v in flat_params(resolved).items()},
-                      **{k: str(v) for k, v in {**pad, **trial.config}.items()}}
+            params = {**{f"config.{k}": v for k, v in flat_params(to_dict(cfg)).items()},
+                      **{k: str(v) for k, v in {**pad, **update.config}.items()}}
             self._batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
-        self.runs[trial.trial_id] = run_id
+        self._runs[update.trial_id] = run_id
         return run_id
 
     def _batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
@@ -129,35 +224,6 @@ class MlflowSweepCallback(Callback):
             self.client.log_batch(run_id, metrics=metrics[start:start + _MAX_METRICS])
         if tags:
             self.client.log_batch(run_id, tags=list(tags))
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.client.update_run(self.run_id(trial), status=RunStatus.to_string(RunStatus.RUNNING))
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        now = int(time.time() * 1000)
-        step = int(result.get("iteration", result.get("training_iteration", 0)))
-        metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-                   if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        for stats in result.get("steps", []):
-            metrics += [Metric(f"step_{k}", float(stats[k]), now, int(stats["iteration"])) for k in _PER_STEP]
-        self._batch(self.run_id(trial), metrics=metrics)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self.run_id(trial)
-        stopped_early = (trial.last_result or {}).get("training_iteration", 0) < self.max_t
-        checkpoint = trial.checkpoint
-        if checkpoint is not None:
-            for path in sorted(Path(checkpoint.path).iterdir()):
-                if path.suffix in (".png", ".npz", ".json", ".yaml"):
-                    self.client.log_artifact(run_id, str(path))
-        self._batch(run_id, tags=[RunTag("stopped_early", str(stopped_early).lower())])
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self.run_id(trial)
-        reason = _error_reason(trial)
-        self._batch(run_id, tags=[RunTag("failure_reason", reason[:5000])])
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
 def _error_reason(trial) -> str:

@@ -1,0 +1,172 @@
+"""Faults on a real local Ray with real MLflow: a killed trial process, an MLflow outage, planted files."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_config
+from pad_ray import files
+from pad_ray.trajectories import TrajectoryStore
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = yaml.safe_load((REPO / "sweeps" / "smoke.yaml").read_text())
+
+
+@pytest.fixture
+def home(tmp_path, mnist_root, monkeypatch):
+    monkeypatch.setenv("PAD_RAY_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PAD_RAY_DATA", str(mnist_root))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    return tmp_path / "home"
+
+
+def _wait_for(condition, what: str, timeout: float = 600, poll: float = 0.5):
+    """Poll a real condition (a file, a process, a server) until it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _write_sweep(tmp_path: Path, **changes) -> Path:
+    sweep = {**SMOKE, **changes}
+    path = tmp_path / f"{sweep['name']}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def _results(home: Path, name: str) -> list[list[dict]]:
+    """Every trial's reported results, from Tune's result files."""
+    out = []
+    for result_file in (home / "sweeps" / name).glob("*/result.json"):
+        lines = [line for line in result_file.read_text().splitlines() if line.strip()]
+        out.append([json.loads(line) for line in lines])
+    return out
+
+
+def test_killed_trial_process_resumes_from_its_last_checkpoint(home, tmp_path):
+    sweep = _write_sweep(tmp_path, name="kill", space={"alpha": [0.1]},
+                         base={**SMOKE["base"], "distill": {"iterations": 40, "eval_every": 4}},
+                         asha={"grace_period": 20}, max_failures=2)
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: any(len(r) >= 3 for r in _results(home, "kill")), "three checkpointed evaluations")
+        trial_processes = [p for p in psutil.process_iter(["cmdline"])
+                           if "ImplicitFunc" in " ".join(p.info["cmdline"] or [])]
+        assert trial_processes
+        for process in trial_processes:
+            os.kill(process.pid, signal.SIGKILL)
+        assert driver.wait(timeout=900) == 0
+    finally:
+        driver.kill() if driver.poll() is None else None
+        log.close()
+
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+              if "trial_id" in r.data.tags]
+    assert run.info.status == "FINISHED" and "final_test_accuracy" in run.data.metrics
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    # Resumed from a checkpoint, not from zero: no evaluation was reported twice, none is missing.
+    assert sorted(steps) == list(range(4, 44, 4))
+    assert "failures" in (tmp_path / "driver.log").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _mlflow_server(home: Path, port: int) -> subprocess.Popen:
+    home.mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{home}/server.db", "--artifacts-destination", str(home / "served"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def healthy():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    _wait_for(healthy, "the MLflow server", timeout=120)
+    return server
+
+
+def test_mlflow_outage_mid_sweep_loses_no_metrics(home, tmp_path):
+    port = _free_port()
+    server = _mlflow_server(home, port)
+    sweep = _write_sweep(tmp_path, name="outage", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
+                         mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: any(r for r in _results(home, "outage")), "a first reported result")
+        server.terminate()
+        server.wait(timeout=60)
+        _wait_for(lambda: sum(len(r) for r in _results(home, "outage")) >= 4, "results during the outage")
+        server = _mlflow_server(home, port)
+        assert driver.wait(timeout=900) == 0
+    finally:
+        driver.kill() if driver.poll() is None else None
+        log.close()
+        server.terminate()
+        server.wait(timeout=60)
+    assert "holding updates" in (tmp_path / "driver.log").read_text()
+
+    server = _mlflow_server(home, port)
+    try:
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        runs = [r for r in client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+                if "trial_id" in r.data.tags]
+        assert len(runs) == 2
+        for run in runs:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+            assert sorted(steps) == [4, 8, 12, 16, 20]  # every evaluation, once
+            assert run.info.status == "FINISHED"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+class _Planted:
+    def __reduce__(self):
+        return (os.system, (f"touch {Path(os.environ['PLANT_MARKER'])}",))
+
+
+def test_malicious_pickle_planted_as_a_trajectory_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PLANT_MARKER", str(marker))
+    cfg = tiny_config(tmp_path)
+    store = TrajectoryStore(cfg.store_dir, cfg)
+    store.save(0, np.zeros((3, 4), dtype=np.float32))
+    array_path, sidecar = store._paths(0)
+    Path(array_path).write_bytes(pickle.dumps(_Planted()))
+    # Even with a sidecar forged to match, the file is not a plain array and is never unpickled.
+    files.write_json(sidecar, {"sha256": files.sha256(array_path), "shape": [3, 4], "resumed_at": []})
+    with pytest.raises(files.IntegrityError, match="not a plain-array file"):
+        store.load(0)
+    assert not marker.exists()
