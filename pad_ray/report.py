@@ -22,9 +22,15 @@ SCORE = "best_val_accuracy"  # selection is on validation, never on test
 def results_table(results, sweep: SweepConfig) -> pd.DataFrame:
     rows = []
     for result in results:
-        metrics = result.metrics or {}
+        metrics, params = result.metrics or {}, result.config or {}
+        pad = {}
+        if params:
+            cfg = trial_config(sweep, params)
+            pad = {"ipc": cfg.distill.ipc, "alpha": cfg.distill.alpha, "ir": cfg.schedule.init_ratio,
+                   "aee": cfg.schedule.add_end_epoch}
         rows.append({
-            **{key: (result.config or {}).get(key) for key in sweep.space},
+            **pad,
+            **{key: params.get(key) for key in sweep.space},
             SCORE: metrics.get(SCORE),
             "final_test_accuracy": metrics.get("final_test_accuracy"),
             "final_test_std": metrics.get("final_test_std"),
@@ -39,8 +45,7 @@ def plot_alpha(table: pd.DataFrame, path: Path) -> bool:
     if "alpha" not in table or table["alpha"].nunique() < 2:
         return False
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    groups = table.groupby("ipc") if "ipc" in table else [("all", table)]
-    for ipc, group in groups:
+    for ipc, group in table.groupby("ipc"):
         points = group.dropna(subset=[SCORE]).groupby("alpha")[SCORE].max()
         ax.plot(points.index, points.values, marker="o", label=f"IPC {ipc}")
     ax.set(xlabel="alpha (fraction of shallow parameters dropped)", ylabel="best validation accuracy")
