@@ -94,8 +94,19 @@ def child_payload(argv: Sequence[str]) -> dict[str, Any] | None:
 # -- parent side ------------------------------------------------------------------------------
 
 def run_child(script: Path | str, payload: dict[str, Any], timeout_s: float = 900,
-              env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `script --child payload` in a fresh interpreter; its RESULT line, or an error record."""
+              env: dict[str, str] | None = None, attempts: int = 1) -> dict[str, Any]:
+    """Run `script --child payload` in a fresh interpreter; its RESULT line, or an error record.
+    With attempts > 1 a failed child is started again (transient failures of a local Ray start)."""
+    for attempt in range(attempts):
+        result = _run_child_once(script, payload, timeout_s, env)
+        if "error" not in result:
+            return {**result, "attempts": attempt + 1}
+        print(f"  child failed (attempt {attempt + 1}/{attempts}): {result['error'][-300:]}", flush=True)
+    return result
+
+
+def _run_child_once(script: Path | str, payload: dict[str, Any], timeout_s: float,
+                    env: dict[str, str] | None) -> dict[str, Any]:
     began = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, str(script), "--child", json.dumps(payload)],
@@ -108,7 +119,7 @@ def run_child(script: Path | str, payload: dict[str, Any], timeout_s: float = 90
             result = json.loads(line[len("RESULT "):])
             result.setdefault("child_wall_s", time.perf_counter() - began)
             return result
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    tail = [line for line in (proc.stdout + "\n" + proc.stderr).splitlines() if line.strip()][-12:]
     return {**payload, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
 
 

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     rows = []
     for mode, workers in ROWS:
-        row = common.run_child(__file__, {**sizes, "mode": mode, "workers": workers}, timeout_s=1200)
+        row = common.run_child(__file__, {**sizes, "mode": mode, "workers": workers}, timeout_s=1200, attempts=2)
         row["name"] = mode if mode == "bare" else f"ray_train x{workers}"
         rows.append(row)
         print(row["name"], {k: row.get(k) for k in ("wall_s", "images_per_s", "steady_images_per_s", "error")},

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -75,5 +76,28 @@ def mnist_root() -> Path:
     return SHARED_DATA
 
 
-def as_arrays(trajectories) -> list[np.ndarray]:
-    return [np.asarray(t) for t in trajectories]
+class _Payload:
+    """Unpickling this creates a directory at `marker`: proof that a pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def write_malicious_pickle(path: Path, marker: Path, fmt: str = "pickle") -> None:
+    """A file that runs code when unpickled (written by torch.save or plain pickle)."""
+    if fmt == "torch.save":
+        torch.save(_Payload(marker), path)
+    else:
+        path.write_bytes(pickle.dumps(_Payload(marker), protocol=2))
+
+
+@pytest.fixture
+def sweep_home(tmp_path, mnist_root, monkeypatch):
+    """Where sweeps write (PAD_RAY_HOME) and read (PAD_RAY_DATA), as sweeps/smoke.yaml expects."""
+    monkeypatch.setenv("PAD_RAY_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PAD_RAY_DATA", str(mnist_root))
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    return tmp_path / "home"

@@ -1,29 +1,19 @@
 """Difficulty orders: EL2N scoring, sorting per class, and the authors' index files."""
 
 import math
-import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config, tiny_dataset
+from conftest import tiny_config, tiny_dataset, write_malicious_pickle
 from pad_ray.config import ConfigError
 from pad_ray.data import Split
 from pad_ray.difficulty import el2n_run, load_index_file, order_by_score
 
 CPU = torch.device("cpu")
 
-
-class _Payload:
-    """Unpickling this creates a directory at `marker`: proof that a pickle ran code."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
 
 
 def test_order_by_score_sorts_each_class_ascending_and_keeps_ties_stable():
@@ -171,10 +161,7 @@ def test_npy_index_file_holding_objects_is_refused(tmp_path):
 def test_malicious_pickle_index_file_is_refused_without_running_it(tmp_path, fmt):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    if fmt == "torch.save":
-        torch.save(_Payload(marker), path)
-    else:
-        path.write_bytes(pickle.dumps(_Payload(marker), protocol=2))
+    write_malicious_pickle(path, marker, fmt)
     with pytest.raises(ConfigError, match=r"difficulty\.index_file: cannot read"):
         load_index_file(path, SOURCE_INDEX, LABELS, 3)
     assert not marker.exists()

@@ -26,12 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = yaml.safe_load((REPO / "sweeps" / "smoke.yaml").read_text())
 
 
-@pytest.fixture
-def home(tmp_path, mnist_root, monkeypatch):
-    monkeypatch.setenv("PAD_RAY_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("PAD_RAY_DATA", str(mnist_root))
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    return tmp_path / "home"
 
 
 def _wait_for(condition, what: str, timeout: float = 600, poll: float = 0.5):
@@ -61,7 +55,8 @@ def _results(home: Path, name: str) -> list[list[dict]]:
     return out
 
 
-def test_killed_trial_process_resumes_from_its_last_checkpoint(home, tmp_path):
+def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, tmp_path):
+    home = sweep_home
     sweep = _write_sweep(tmp_path, name="kill", space={"alpha": [0.1]},
                          base={**SMOKE["base"], "distill": {"iterations": 40, "eval_every": 4}},
                          asha={"grace_period": 20}, max_failures=2)
@@ -69,7 +64,7 @@ def test_killed_trial_process_resumes_from_its_last_checkpoint(home, tmp_path):
     driver = subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, stdout=log,
                               stderr=subprocess.STDOUT)
     try:
-        _wait_for(lambda: any(len(r) >= 3 for r in _results(home, "kill")), "three checkpointed evaluations")
+        _wait_for(lambda: any(len(r) >= 3 for r in _results(sweep_home, "kill")), "three checkpointed evaluations")
         trial_processes = [p for p in psutil.process_iter(["cmdline"])
                            if "ImplicitFunc" in " ".join(p.info["cmdline"] or [])]
         assert trial_processes
@@ -115,20 +110,20 @@ def _mlflow_server(home: Path, port: int) -> subprocess.Popen:
     return server
 
 
-def test_mlflow_outage_mid_sweep_loses_no_metrics(home, tmp_path):
+def test_mlflow_outage_mid_sweep_loses_no_metrics(sweep_home, tmp_path):
     port = _free_port()
-    server = _mlflow_server(home, port)
+    server = _mlflow_server(sweep_home, port)
     sweep = _write_sweep(tmp_path, name="outage", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
                          mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, stdout=log,
                               stderr=subprocess.STDOUT)
     try:
-        _wait_for(lambda: any(r for r in _results(home, "outage")), "a first reported result")
+        _wait_for(lambda: any(r for r in _results(sweep_home, "outage")), "a first reported result")
         server.terminate()
         server.wait(timeout=60)
-        _wait_for(lambda: sum(len(r) for r in _results(home, "outage")) >= 4, "results during the outage")
-        server = _mlflow_server(home, port)
+        _wait_for(lambda: sum(len(r) for r in _results(sweep_home, "outage")) >= 4, "results during the outage")
+        server = _mlflow_server(sweep_home, port)
         assert driver.wait(timeout=900) == 0
     finally:
         driver.kill() if driver.poll() is None else None
@@ -137,7 +132,7 @@ def test_mlflow_outage_mid_sweep_loses_no_metrics(home, tmp_path):
         server.wait(timeout=60)
     assert "holding updates" in (tmp_path / "driver.log").read_text()
 
-    server = _mlflow_server(home, port)
+    server = _mlflow_server(sweep_home, port)
     try:
         client = MlflowClient(f"http://127.0.0.1:{port}")
         runs = [r for r in client.search_runs([client.get_experiment_by_name("outage").experiment_id])

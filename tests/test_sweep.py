@@ -20,13 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "sweeps" / "smoke.yaml"
 
 
-@pytest.fixture
-def home(tmp_path, mnist_root, monkeypatch):
-    """Where the sweep writes (PAD_RAY_HOME) and reads (PAD_RAY_DATA), as sweeps/smoke.yaml expects."""
-    monkeypatch.setenv("PAD_RAY_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("PAD_RAY_DATA", str(mnist_root))
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    return tmp_path / "home"
 
 
 def sweep_command(path: Path) -> list[str]:
@@ -40,11 +33,12 @@ def children(home: Path, experiment: str = "smoke"):
     return client, [r for r in runs if "trial_id" in r.data.tags], [r for r in runs if "trial_id" not in r.data.tags]
 
 
-def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(home):
+def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(sweep_home):
+    home = sweep_home
     result = subprocess.run(sweep_command(SMOKE), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    client, trials, parents = children(home)
+    client, trials, parents = children(sweep_home)
     assert len(trials) == 8 and len(parents) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
     for run in trials:
@@ -78,25 +72,26 @@ def _nan_sweep(tmp_path: Path) -> Path:
     return path
 
 
-def test_diverging_trial_fails_with_its_reason_while_the_others_finish(home, tmp_path):
+def test_diverging_trial_fails_with_its_reason_while_the_others_finish(sweep_home, tmp_path):
     result = subprocess.run(sweep_command(_nan_sweep(tmp_path)), capture_output=True, text=True, timeout=900,
                             cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    _, trials, _ = children(home, "nan")
+    _, trials, _ = children(sweep_home, "nan")
     by_lr = {r.data.params["distill.lr_img"]: r for r in trials}
     assert by_lr["1e+30"].info.status == "FAILED"
     assert "DivergenceError: matching loss is nan" in by_lr["1e+30"].data.tags["failure_reason"]
     assert by_lr["100"].info.status == "FINISHED" and "final_test_accuracy" in by_lr["100"].data.metrics
 
 
-def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(home, tmp_path):
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, tmp_path):
+    home = sweep_home
     log = open(tmp_path / "driver.log", "w")  # a file, not a pipe nobody reads: a full pipe blocks the driver
     driver = subprocess.Popen(sweep_command(SMOKE), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     done_before: dict[str, int] = {}
     while not done_before and time.monotonic() < deadline and driver.poll() is None:
         if (home / "sweeps" / "smoke").exists():  # Tune has started: MLflow's tables exist by then
-            client, trials, _ = children(home)
+            client, trials, _ = children(sweep_home)
             done_before = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "step_loss"))
                            for r in trials if r.info.status == "FINISHED"}
         time.sleep(0.5)  # polling MLflow for a finished trial, the event the interruption waits for
@@ -104,12 +99,12 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(home, tmp_pa
     driver.send_signal(signal.SIGINT)
     driver.wait(timeout=300)
     log.close()
-    _, trials, _ = children(home)
+    _, trials, _ = children(sweep_home)
     assert len(trials) < 8 or any(r.info.status == "RUNNING" for r in trials), "sweep was not interrupted"
 
     again = subprocess.run(sweep_command(SMOKE), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
-    client, trials, parents = children(home)
+    client, trials, parents = children(sweep_home)
     assert len(trials) == 8 and len({r.data.tags["trial_id"] for r in trials}) == 8
     assert len(parents) == 2  # one per invocation
     for run_id, steps in done_before.items():
@@ -141,7 +136,8 @@ def test_bad_sweeps_are_rejected_with_the_key(tmp_path, change, expected):
     assert expected in str(info.value) and str(path) in str(info.value)
 
 
-def test_bad_sweep_exits_2_before_any_work(tmp_path, home):
+def test_bad_sweep_exits_2_before_any_work(tmp_path, sweep_home):
+    home = sweep_home
     path = tmp_path / "bad.yaml"
     path.write_text(SMOKE.read_text().replace("alpha: [0.0, 0.1, 0.2, 0.3]", "alpha: [0.0, 7]"))
     result = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -158,7 +154,7 @@ def test_shipped_sweeps_validate(monkeypatch, mnist_root):
         assert {"ipc", "alpha", "ir", "aee"} & set(sweep.space), path
 
 
-def test_ray_job_submit_runs_the_smoke_sweep(home, tmp_path):
+def test_ray_job_submit_runs_the_smoke_sweep(sweep_home, tmp_path):
     """`ray job submit --working-dir .` against a local head: the copied working dir changes nothing."""
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:8299", "RAY_AUTH_MODE": "token"}
@@ -172,5 +168,5 @@ def test_ray_job_submit_runs_the_smoke_sweep(home, tmp_path):
         assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, (job.stdout + job.stderr)[-3000:]
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
-    _, trials, _ = children(home)
+    _, trials, _ = children(sweep_home)
     assert len(trials) == 8  # written where PAD_RAY_HOME says, not inside the copied working dir

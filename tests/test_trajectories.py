@@ -10,20 +10,11 @@ import pytest
 import torch
 from fsspec.core import url_to_fs
 
-from conftest import tiny_config
+from conftest import tiny_config, write_malicious_pickle
 from pad_ray import files
 from pad_ray.data import prepare
 from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
-
-class _Payload:
-    """Unpickling this creates a directory at `marker`: proof that a pickle ran code."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
 
 
 def _trajectory(seed, epochs=5, size=37):
@@ -217,10 +208,7 @@ def test_load_torch_reads_a_plain_checkpoint(tmp_path):
 def test_load_torch_refuses_a_malicious_pickle_without_running_it(tmp_path, fmt):
     marker = tmp_path / "pwned"
     path = tmp_path / "ckpt.pt"
-    if fmt == "torch.save":
-        torch.save(_Payload(marker), path)
-    else:
-        path.write_bytes(pickle.dumps(_Payload(marker), protocol=2))
+    write_malicious_pickle(path, marker, fmt)
     with pytest.raises(files.IntegrityError, match="unreadable checkpoint"):
         files.load_torch(path)
     assert not marker.exists()
@@ -388,7 +376,8 @@ def test_uri_difficulty_cache_round_trip(tmp_path, memory_root):
 def test_uri_load_torch_refuses_a_malicious_pickle_without_running_it(tmp_path, memory_root):
     marker = tmp_path / "pwned"
     location = files.join(memory_root, "ckpt.pt")
-    _put(location, pickle.dumps(_Payload(marker), protocol=2))
+    write_malicious_pickle(tmp_path / "evil.pkl", marker)
+    _put(location, (tmp_path / "evil.pkl").read_bytes())
     with pytest.raises(files.IntegrityError, match="unreadable checkpoint"):
         files.load_torch(location)
     assert not marker.exists()
