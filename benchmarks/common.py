@@ -199,7 +199,8 @@ def fmt(value: Any, digits: int = 3) -> str:
         if abs(value) >= 1000:
             return f"{value:,.0f}"
         return f"{value:.{digits}g}"
-    return str(value)
+    text = str(value)
+    return text if len(text) <= 70 else text[:67] + "..."
 
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:

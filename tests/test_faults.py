@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_config
-from pad_ray import files
+from pad_ray import files, stages
+from pad_ray.evaluate import SyntheticSet
 from pad_ray.trajectories import TrajectoryStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,3 +167,14 @@ def test_malicious_pickle_planted_as_a_trajectory_is_refused(tmp_path, monkeypat
     with pytest.raises(files.IntegrityError, match="not a plain-array file"):
         store.load(0)
     assert not marker.exists()
+
+
+def test_altered_or_truncated_distilled_set_is_never_used(tmp_path):
+    path = tmp_path / "synthetic_best.npz"
+    stages.save_synthetic(path, SyntheticSet(torch.randn(4, 1, 8, 8), torch.randn(4, 3), 0.01))
+    assert stages.load_synthetic(path).images.shape == (4, 1, 8, 8)
+    original = path.read_bytes()
+    for damaged in (original[:-64], original[:200] + bytes([original[200] ^ 1]) + original[201:]):
+        path.write_bytes(damaged)
+        with pytest.raises(files.IntegrityError, match="checksum mismatch"):
+            stages.load_synthetic(path)
