@@ -21,7 +21,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
+from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -229,7 +229,7 @@ def test_kuberay_manifests_have_the_autoscaling_shape():
     groups = spec["workerGroupSpecs"]
     assert groups and all(g["minReplicas"] == 0 and g.get("replicas", 0) == 0 for g in groups)
     assert all(c["resources"]["limits"].get("nvidia.com/gpu") for g in groups for c in g["template"]["spec"]["containers"])
-    assert job["spec"]["entrypoint"] == "python -m pad_ray.sweep sweeps/cifar10.yaml"
+    assert job["spec"]["entrypoint"].startswith("python -m pad_ray.sweep sweeps/cifar10.yaml")
     assert job["spec"]["shutdownAfterJobFinishes"] is True
 
 
@@ -463,6 +463,29 @@ print(json.dumps({
 """
 
 
+class SeparateDisksFakeProvider(FakeMultiNodeProvider):
+    """Ray's fake multi-node provider, except that each fake node unpacks job working dirs into a directory of
+    its own, as a real node does on its own disk. Otherwise all nodes share the head's, and every node that
+    joins re-extracts the job's working dir under the running driver and trials (their cwd vanishes).
+    Loaded by the autoscaler process as `provider: {type: external, module: test_cluster....}`."""
+
+    def _create_node_with_resources_and_labels(self, node_config, tags, count, resources, labels):
+        from ray._private import parameter
+
+        original = parameter.RayParams.__init__
+
+        def own_runtime_dir(params, *args, **kwargs):
+            node = kwargs.get("env_vars", {}).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING", "")
+            kwargs.setdefault("runtime_env_dir_name", f"runtime_resources_{node[-5:]}")
+            original(params, *args, **kwargs)
+
+        parameter.RayParams.__init__ = own_runtime_dir
+        try:
+            super()._create_node_with_resources_and_labels(node_config, tags, count, resources, labels)
+        finally:
+            parameter.RayParams.__init__ = original
+
+
 def fake_cluster_config(gcs_address: str) -> dict:
     """The whole autoscaling config (the wheel has no fake_multi_node/example.yaml to fill defaults from): a head
     with no CPUs and a worker type with one fake GPU, as aws.yaml has them."""
@@ -473,7 +496,8 @@ def fake_cluster_config(gcs_address: str) -> dict:
         "max_workers": MAX_GPU_WORKERS,
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": IDLE_TIMEOUT_S / 60,   # autoscaler v1 (what `ray start` runs): global only
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+        "provider": {"type": "external", "module": f"{__name__}.{SeparateDisksFakeProvider.__name__}",
+                     "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "head_node_id": FAKE_HEAD_NODE_ID,
                      "gcs_address": gcs_address},
         "auth": {},
@@ -536,6 +560,8 @@ def test_gpu_workers_scale_up_for_a_submitted_sweep_and_back_down(tmp_path, mnis
                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}",
                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
                 "PAD_RAY_HOME": str(home), "PAD_RAY_DATA": str(mnist_root)})
+    # The autoscaler imports SeparateDisksFakeProvider from this file.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).parent), env.get("PYTHONPATH")] if p)
     nodes_log = tmp_path / "nodes.jsonl"
     watcher = None
     try:
@@ -579,12 +605,16 @@ def test_gpu_workers_scale_up_for_a_submitted_sweep_and_back_down(tmp_path, mnis
         _wait_for(lambda: _records(nodes_log) and not _alive_workers(_records(nodes_log)[-1], FAKE_HEAD_NODE_ID),
                   IDLE_TIMEOUT_S + 180, "GPU worker nodes still alive long after the sweep ended")
     finally:
-        if watcher is not None:
-            watcher.terminate()
-            watcher.wait(timeout=30)
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
+        try:
+            if watcher is not None:
+                watcher.kill()
+                watcher.wait(timeout=30)
+        finally:
+            subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
 
     # The sweep itself: every trial in MLflow under PAD_RAY_HOME, the results table written.
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     experiment = client.get_experiment_by_name("autoscale")
     runs = client.search_runs([experiment.experiment_id])
