@@ -519,13 +519,18 @@ def _check_space(sweep: SweepConfig, source: str) -> None:
                               "expert set, so it must be a finite list of values (grid or choice)")
 
 
+def absolute(location: str) -> str:
+    """A local path made absolute against this process's directory; URIs (s3://, gs://) as they are."""
+    return location if "://" in location else str(Path(location).resolve())
+
+
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Resolve relative paths against this process's directory: Ray workers run elsewhere."""
-    data = cfg.data.model_copy(update={"root": str(Path(cfg.data.root).resolve())})
-    index_file = cfg.difficulty.index_file and str(Path(cfg.difficulty.index_file).resolve())
+    """Resolve relative paths here: Ray workers and trials run in other directories."""
+    data = cfg.data.model_copy(update={"root": absolute(cfg.data.root)})
+    index_file = cfg.difficulty.index_file and absolute(cfg.difficulty.index_file)
     return cfg.model_copy(update={
         "data": data, "difficulty": cfg.difficulty.model_copy(update={"index_file": index_file}),
-        "output_dir": str(Path(cfg.output_dir).resolve()), "store_dir": str(Path(cfg.store_dir).resolve()),
+        "output_dir": absolute(cfg.output_dir), "store_dir": absolute(cfg.store_dir),
     })
 
 

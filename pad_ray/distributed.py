@@ -27,9 +27,13 @@ from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
 
 def use_gpu(cfg: RunConfig) -> bool:
-    if cfg.resources.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(cfg.resources.use_gpu)
+    """`auto`: GPUs the cluster has now, or can have: an autoscaling cluster may start with none."""
+    if cfg.resources.use_gpu != "auto":
+        return bool(cfg.resources.use_gpu)
+    from ray._private.state import state  # what Ray Train itself reads for the autoscaler's limits
+
+    can_have = state.get_max_resources_from_cluster_config() or {}
+    return max(ray.cluster_resources().get("GPU", 0), can_have.get("GPU", 0)) > 0
 
 
 def task_device() -> torch.device:

@@ -139,6 +139,11 @@ def check_writable(loc: Location, key: str) -> None:
         raise ConfigError(f"{key}: cannot write under {path} ({existing} is not a writable directory)")
 
 
+def upload(local: Path, loc: Location) -> None:
+    """Copy a finished local file to a location (object stores get it in one write)."""
+    _write(loc, lambda handle: handle.write(Path(local).read_bytes()))
+
+
 def sha256(loc: Location) -> str:
     """Streamed in 4 MiB blocks, so a 1 GB trajectory is never held whole just to hash it."""
     fs, path, _ = _resolve(loc)

@@ -3,6 +3,7 @@ plots of accuracy against alpha per IPC and against IR x AEE, all logged to the 
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from pad_ray import files  # noqa: E402
 from pad_ray.config import SweepConfig, to_dict, trial_config  # noqa: E402
 
 SCORE = "best_val_accuracy"  # selection is on validation, never on test
@@ -73,7 +75,18 @@ def plot_ir_aee(table: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def summarize(results, sweep: SweepConfig, out: Path, client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
+def summarize(results, sweep: SweepConfig, where: str, client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
+    """Write the table, best config and plots to `where` (a folder or a URI) and the parent run."""
+    if "://" in where:
+        with tempfile.TemporaryDirectory() as folder:
+            table = _summarize(results, sweep, Path(folder), client, parent_run_id)
+            for path in Path(folder).iterdir():
+                files.upload(path, f"{where}/{path.name}")
+            return table
+    return _summarize(results, sweep, Path(where), client, parent_run_id)
+
+
+def _summarize(results, sweep: SweepConfig, out: Path, client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(results, sweep).sort_values(SCORE, ascending=False, na_position="last")
     print(table.to_string(index=False))

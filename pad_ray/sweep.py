@@ -25,8 +25,8 @@ from ray import tune
 
 from pad_ray import distributed, files, report, stages, tracking
 from pad_ray.cli import input_error, parse_overrides
-from pad_ray.config import (ConfigError, RunConfig, SweepConfig, finite_grid, load_sweep, to_dict, trial_config,
-                            with_absolute_paths)
+from pad_ray.config import (ConfigError, RunConfig, SweepConfig, absolute, finite_grid, load_sweep, to_dict,
+                            trial_config, with_absolute_paths)
 from pad_ray.data import DataError, Dataset
 from pad_ray.distill import Distiller, distill
 from pad_ray.trajectories import TrajectoryStore
@@ -85,8 +85,7 @@ def _absolute_base(sweep: SweepConfig) -> SweepConfig:
             "data": {**sweep.base.get("data", {}), "root": cfg.data.root}}
     if cfg.difficulty.index_file:
         base["difficulty"] = {**sweep.base.get("difficulty", {}), "index_file": cfg.difficulty.index_file}
-    return sweep.model_copy(update={"base": base,
-                                    "storage_path": str(Path(sweep.storage_path).resolve())})
+    return sweep.model_copy(update={"base": base, "storage_path": absolute(sweep.storage_path)})
 
 
 def _expert_sets(sweep: SweepConfig) -> dict[str, tuple[RunConfig, int, int]]:
@@ -149,10 +148,10 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
         tune.with_parameters(pad_trial, sweep=sweep.model_dump(mode="json"), data=data, experts=experts,
                              threads=threads),
         {"cpu": sweep.trial_resources.cpu, "gpu": sweep.trial_resources.gpu})
-    path = Path(sweep.storage_path) / sweep.name
+    path = f"{sweep.storage_path}/{sweep.name}"
     if tune.Tuner.can_restore(path):
         # Finished and failed trials stay as they are; unfinished ones continue from their checkpoints.
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
         callback = tracking.MlflowSweepCallback(uri, experiment_id, sweep.name, PARENT_RUN_ENV, max_t,
                                                 sweep.model_dump(mode="json"))

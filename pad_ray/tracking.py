@@ -8,7 +8,9 @@ built-in callback logs metric by metric, about five times slower) and finds a tr
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -138,9 +140,7 @@ class MlflowSweepCallback(Callback):
         self._record(trial, "result", metrics=metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        checkpoint = trial.checkpoint
-        artifacts = [] if checkpoint is None else [
-            str(p) for p in sorted(Path(checkpoint.path).iterdir()) if p.suffix in (".png", ".npz", ".json", ".yaml")]
+        artifacts = _artifacts_of(trial.checkpoint)
         stopped_early = (trial.last_result or {}).get("training_iteration", 0) < self.max_t
         self._record(trial, "complete", artifacts=artifacts, stopped_early=stopped_early)
 
@@ -185,8 +185,9 @@ class MlflowSweepCallback(Callback):
             self._batch(run_id, metrics=update.payload["metrics"])
         elif update.kind == "complete":
             for path in update.payload["artifacts"]:
-                if Path(path).is_file():  # Tune may have pruned an old checkpoint meanwhile
-                    self.client.log_artifact(run_id, path)
+                self.client.log_artifact(run_id, path)
+            for path in update.payload["artifacts"]:
+                Path(path).unlink(missing_ok=True)
             self._batch(run_id, tags=[RunTag("stopped_early", str(update.payload["stopped_early"]).lower())])
             self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
         else:
@@ -224,6 +225,19 @@ class MlflowSweepCallback(Callback):
             self.client.log_batch(run_id, metrics=metrics[start:start + _MAX_METRICS])
         if tags:
             self.client.log_batch(run_id, tags=list(tags))
+
+
+def _artifacts_of(checkpoint) -> list[str]:
+    """Local copies of a checkpoint's artefacts (the storage may be remote, and Tune prunes old
+    checkpoints), kept until they are logged."""
+    if checkpoint is None:
+        return []
+    keep = Path(tempfile.mkdtemp(prefix="pad_ray_artifacts_"))
+    with checkpoint.as_directory() as folder:
+        for path in sorted(Path(folder).iterdir()):
+            if path.suffix in (".png", ".npz", ".json", ".yaml"):
+                shutil.copy2(path, keep / path.name)
+    return [str(p) for p in sorted(keep.iterdir())]
 
 
 def _error_reason(trial) -> str:

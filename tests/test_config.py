@@ -1,6 +1,6 @@
 import pytest
 
-from pad_ray.config import PRESETS, ConfigError, build_config, load_config
+from pad_ray.config import PRESETS, ConfigError, build_config, load_config, with_absolute_paths
 
 
 def _error(raw) -> str:
@@ -73,3 +73,10 @@ def test_yaml_is_loaded_safely(tmp_path):
     with pytest.raises(ConfigError, match="YAML syntax error"):
         load_config(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_absolute_paths_keep_uris_and_resolve_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(build_config({"preset": "smoke", "store_dir": "s3://bucket/store", "output_dir": "runs"}))
+    assert cfg.store_dir == "s3://bucket/store"
+    assert cfg.output_dir == str(tmp_path / "runs") and cfg.data.root == str((tmp_path / "../shared/data").resolve())
