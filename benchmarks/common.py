@@ -153,6 +153,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__, "torch_threads_default": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_average_at_start": load_average(), "quiet_flag": QUIET_FLAG.exists(),
+        "environment": {k: os.environ[k] for k in ALLOCATOR_ENV_KEYS if k in os.environ},
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
@@ -162,6 +163,24 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     return facts
+
+
+# Allocator settings a child can run under (environment variables read at process start).
+# glibc hands every block above 32 MiB to mmap and unmaps it on free, so each large activation
+# tensor costs fresh page faults and kernel zeroing; "glibc-heap" keeps them in the heap instead.
+ALLOCATORS = {
+    "default": {},
+    "glibc-heap": {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"},
+    "thp": {"THP_MEM_ALLOC_ENABLE": "1"},
+}
+ALLOCATOR_ENV_KEYS = ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD", "MALLOC_ARENA_MAX",
+                      "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")
+
+
+def allocator_env(name: str) -> dict[str, str]:
+    if name not in ALLOCATORS:
+        raise SystemExit(f"unknown allocator {name!r}; choose from {', '.join(ALLOCATORS)}")
+    return ALLOCATORS[name]
 
 
 def memory_available_bytes() -> int:
@@ -231,4 +250,6 @@ def parse_args(description: str, argv: Sequence[str] | None = None):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a fast check of the script")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
+    parser.add_argument("--allocator", default="default", choices=list(ALLOCATORS),
+                        help="allocator environment of the measuring processes (see common.ALLOCATORS)")
     return parser

@@ -18,6 +18,7 @@ matmuls; DSA's ops are not counted by the flop counter), so they are counted exa
 
 from __future__ import annotations
 
+import resource
 import sys
 from pathlib import Path
 
@@ -92,7 +93,9 @@ def child(p: dict) -> dict:
 
     warmup_steps = p["steps"] if p["warmup"] == "full" else min(p["steps"], int(p["warmup"]))
     warm = common.timed(lambda: iteration(warmup_steps), dev, 1)[0]
+    before = resource.getrusage(resource.RUSAGE_SELF)
     times = common.timed(lambda: iteration(p["steps"]), dev, p["repeats"])
+    after = resource.getrusage(resource.RUSAGE_SELF)
     seconds = common.median(times)
     plain_rate = plain_flops / plain_s
     rate = flops / seconds
@@ -105,6 +108,10 @@ def child(p: dict) -> dict:
         "plain_fwd_bwd_s": plain_s, "plain_fwd_bwd_flops": plain_flops, "plain_gflops_per_s": plain_rate / 1e9,
         "gflops_per_s": rate / 1e9, "fraction_of_plain": rate / plain_rate,
         "step_cost_in_plain_steps": (seconds / p["steps"]) / plain_s,
+        # Per timed iteration: page faults and CPU seconds (less sensitive to other load than wall time).
+        "minor_faults_per_iter": (after.ru_minflt - before.ru_minflt) / p["repeats"],
+        "user_cpu_s_per_iter": (after.ru_utime - before.ru_utime) / p["repeats"],
+        "sys_cpu_s_per_iter": (after.ru_stime - before.ru_stime) / p["repeats"],
     }
     if dev.type == "cuda":
         result["device_memory_total"] = torch.cuda.get_device_properties(dev).total_memory
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     for path in args.paths.split(","):
         for ipc, batch, steps, repeats in rows_spec:
-            payload = {**model, "path": path, "ipc": ipc, "batch": batch, "steps": steps, "repeats": repeats,
+            payload = {**model, "allocator": args.allocator, "path": path, "ipc": ipc, "batch": batch,
+                       "steps": steps, "repeats": repeats,
                        "warmup": "full" if steps <= 10 or ipc == 1 else 2, "alpha": 0.25, "selection": "depth",
                        "dsa": True, "threads": args.threads, "plain_repeats": 5,
                        "count_full": steps <= 20 and ipc == 1 or args.quick}
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{path} ipc {ipc} N {steps}: skipped ({row['skipped']})", flush=True)
                 results.append(row)
                 continue
-            row = common.run_child(__file__, payload, timeout_s=1800)
+            row = common.run_child(__file__, payload, timeout_s=1800, env=common.allocator_env(args.allocator))
             ref = REFERENCE.get((ipc, batch, steps)) if not args.quick else None
             if ref and "s_per_iter" in row:
                 row["ref_s_per_iter"], row["ref_peak_gb"] = ref
@@ -171,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"({row['gflops_per_s']:.1f} vs {row['plain_gflops_per_s']:.1f} GFLOP/s)", flush=True)
 
     if args.merge:
-        earlier = common.read_results(NAME, args.quick)
+        earlier = common.read_results(NAME if args.allocator == "default" else f"{NAME}-{args.allocator}",
+                                      args.quick)
         if earlier:
             measured = {(r.get("path"), r.get("ipc"), r.get("batch"), r.get("steps")) for r in results}
             results = [r for r in earlier["rows"]
@@ -182,13 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     columns = [("path", "path"), ("ipc", "IPC"), ("batch", "batch"), ("steps", "N"), ("s_per_iter", "s/iter"),
                ("ref_s_per_iter", "ref s/iter"), ("time_vs_ref", "x ref"), ("peak_gb", "peak GB"),
                ("ref_peak_gb", "ref GB"), ("memory_vs_ref", "mem x ref"), ("gflops_per_s", "GFLOP/s"),
-               ("fraction_of_plain", "of plain"), ("skipped", "note")]
+               ("fraction_of_plain", "of plain"), ("sys_cpu_s_per_iter", "sys CPU s"), ("skipped", "note")]
     print()
     print(common.table(sorted(results, key=_order), columns))
     print()
     for key, value in summary.items():
         print(f"{key}: {common.fmt(value) if not isinstance(value, dict) else value}")
-    out = common.write_results(NAME, args.quick, meta, sorted(results, key=_order), summary)
+    name = NAME if args.allocator == "default" else f"{NAME}-{args.allocator}"
+    out = common.write_results(name, args.quick, meta, sorted(results, key=_order), summary)
     print(f"\nwrote {out}")
     return 0
 

@@ -493,9 +493,14 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     _check_space(sweep, source)
     for params in finite_grid(sweep, 0) + finite_grid(sweep, 1):
         try:
-            trial_config(sweep, params)
+            cfg = trial_config(sweep, params)
         except ConfigError as exc:
             raise ConfigError(f"{source}: trial {params}: {str(exc).removeprefix('sweep: ')}") from None
+        evaluations = sweep.asha.max_t or -(-cfg.distill.iterations // cfg.distill.eval_every)
+        if sweep.asha.grace_period > evaluations:
+            raise ConfigError(f"{source}: asha.grace_period: {sweep.asha.grace_period} is more than the "
+                              f"{evaluations} evaluations of trial {params} (asha.max_t or distill.iterations / "
+                              "distill.eval_every)")
     return sweep
 
 

@@ -60,6 +60,7 @@ SWEEPS = [
     ({"space": {"data.root": ["/a", "/b"]}}, "space.data.root: a sweep runs on one dataset"),
     ({"space": {}}, "space: give at least one key"),
     ({"asha": {"grace": 2}}, "asha.grace: unknown key; did you mean 'grace_period'?"),
+    ({"asha": {"grace_period": 9}}, "asha.grace_period: 9 is more than the 5 evaluations"),
     ({"asha": {"reduction_factor": 1}}, "asha.reduction_factor: Input should be greater than 1"),
     ({"trial_resources": {"gpus": 1}}, "trial_resources.gpus: unknown key; did you mean 'gpu'?"),
     ({"name": "my sweep!"}, "name: String should match pattern"),

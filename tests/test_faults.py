@@ -30,10 +30,13 @@ SMOKE = yaml.safe_load((REPO / "sweeps" / "smoke.yaml").read_text())
 
 
 
-def _wait_for(condition, what: str, timeout: float = 600, poll: float = 0.5):
-    """Poll a real condition (a file, a process, a server) until it holds."""
+def _wait_for(condition, what: str, timeout: float = 600, poll: float = 0.5, alive=None):
+    """Poll a real condition (a file, a process, a server) until it holds; fail at once if the
+    process `alive` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"the process exited ({alive.returncode}) before {what}")
         value = condition()
         if value:
             return value
@@ -61,12 +64,12 @@ def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, tmp_p
     home = sweep_home
     sweep = _write_sweep(tmp_path, name="kill", space={"alpha": [0.1]},
                          base={**SMOKE["base"], "distill": {"iterations": 40, "eval_every": 4}},
-                         asha={"grace_period": 20}, max_failures=2)
+                         asha={"grace_period": 10}, max_failures=2)
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, stdout=log,
                               stderr=subprocess.STDOUT)
     try:
-        _wait_for(lambda: any(len(r) >= 3 for r in _results(sweep_home, "kill")), "three checkpointed evaluations")
+        _wait_for(lambda: any(len(r) >= 3 for r in _results(sweep_home, "kill")), "three checkpointed evaluations", alive=driver)
         trial_processes = [p for p in psutil.process_iter(["cmdline"])
                            if "ImplicitFunc" in " ".join(p.info["cmdline"] or [])]
         assert trial_processes
@@ -121,10 +124,10 @@ def test_mlflow_outage_mid_sweep_loses_no_metrics(sweep_home, tmp_path):
     driver = subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, stdout=log,
                               stderr=subprocess.STDOUT)
     try:
-        _wait_for(lambda: any(r for r in _results(sweep_home, "outage")), "a first reported result")
+        _wait_for(lambda: any(r for r in _results(sweep_home, "outage")), "a first reported result", alive=driver)
         server.terminate()
         server.wait(timeout=60)
-        _wait_for(lambda: sum(len(r) for r in _results(sweep_home, "outage")) >= 4, "results during the outage")
+        _wait_for(lambda: sum(len(r) for r in _results(sweep_home, "outage")) >= 4, "results during the outage", alive=driver)
         server = _mlflow_server(sweep_home, port)
         assert driver.wait(timeout=900) == 0
     finally:
