@@ -127,6 +127,11 @@ class DistillConfig(Section):
         return self
 
     @property
+    def evaluations(self) -> int:
+        """How many times a run evaluates (and a sweep trial reports): every eval_every, and at the end."""
+        return -(-self.iterations // self.eval_every)
+
+    @property
     def expansion_end_iteration(self) -> int:
         """DATM's expansion_end_epoch, in outer iterations (Part A §2)."""
         return self.interval * (self.max_start_epoch - self.current_max_start_epoch)
@@ -496,7 +501,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
             cfg = trial_config(sweep, params)
         except ConfigError as exc:
             raise ConfigError(f"{source}: trial {params}: {str(exc).removeprefix('sweep: ')}") from None
-        evaluations = sweep.asha.max_t or -(-cfg.distill.iterations // cfg.distill.eval_every)
+        evaluations = sweep.asha.max_t or cfg.distill.evaluations
         if sweep.asha.grace_period > evaluations:
             raise ConfigError(f"{source}: asha.grace_period: {sweep.asha.grace_period} is more than the "
                               f"{evaluations} evaluations of trial {params} (asha.max_t or distill.iterations / "

@@ -142,7 +142,7 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
 
     parent = client.create_run(experiment_id, run_name=f"{sweep.name} sweep", tags={"sweep": sweep.name})
     os.environ[PARENT_RUN_ENV] = parent.info.run_id
-    max_t = sweep.asha.max_t or -(-first.distill.iterations // first.distill.eval_every)
+    max_t = sweep.asha.max_t or first.distill.evaluations
     threads = max(1, int(sweep.trial_resources.cpu))
     trainable = tune.with_resources(
         tune.with_parameters(pad_trial, sweep=sweep.model_dump(mode="json"), data=data, experts=experts,

@@ -83,7 +83,8 @@ def test_diverging_trial_fails_with_its_reason_while_the_others_finish(sweep_hom
     assert by_lr["100"].info.status == "FINISHED" and "final_test_accuracy" in by_lr["100"].data.metrics
 
 
-def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, tmp_path, stop):
     home = sweep_home
     log = open(tmp_path / "driver.log", "w")  # a file, not a pipe nobody reads: a full pipe blocks the driver
     driver = subprocess.Popen(sweep_command(SMOKE), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -96,7 +97,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, 
                            for r in trials if r.info.status == "FINISHED"}
         time.sleep(0.5)  # polling MLflow for a finished trial, the event the interruption waits for
     assert done_before, "no trial finished before the sweep ended"
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(stop)
     driver.wait(timeout=300)
     log.close()
     _, trials, _ = children(sweep_home)
