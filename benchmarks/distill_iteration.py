@@ -81,15 +81,17 @@ def child(p: dict) -> dict:
             fn()
         return int(counter.get_total_flops())
 
-    plain_flops = count(plain_step)
-    common.timed(plain_step, dev, 1)
-    plain_s = common.median(common.timed(plain_step, dev, p["plain_repeats"]))
-    model.zero_grad(set_to_none=True)
-
+    # The iteration's FLOPs first: a gradient path may set process-wide state (the constant-memory path
+    # keeps freed memory in the heap), and the plain step should be timed under the same conditions.
     one, two = count(lambda: iteration(1)), count(lambda: iteration(2))
     per_step, fixed = two - one, 2 * one - two
     flops = fixed + per_step * p["steps"]
     flops_check = count(lambda: iteration(p["steps"])) if p["count_full"] else None
+
+    plain_flops = count(plain_step)
+    common.timed(plain_step, dev, 1)
+    plain_s = common.median(common.timed(plain_step, dev, p["plain_repeats"]))
+    model.zero_grad(set_to_none=True)
 
     warmup_steps = p["steps"] if p["warmup"] == "full" else min(p["steps"], int(p["warmup"]))
     warm = common.timed(lambda: iteration(warmup_steps), dev, 1)[0]

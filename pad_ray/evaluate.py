@@ -18,7 +18,7 @@ from pad_ray.augment import DSA
 from pad_ray.config import EvalConfig, ModelConfig
 from pad_ray.data import Split
 from pad_ray.experts import seeded_model
-from pad_ray.matching import soft_cross_entropy
+from pad_ray.matching import keep_freed_memory_in_heap, soft_cross_entropy
 from pad_ray.runtime import derive_seed, generator
 
 
@@ -56,6 +56,8 @@ def accuracy(net: nn.Module, split: Split, device: torch.device, batch: int = 10
 
 def train_on(synthetic: SyntheticSet, net: nn.Module, cfg: EvalConfig, seed: int, device: torch.device) -> nn.Module:
     """Train `net` on the synthetic set with the evaluation protocol; returns it trained."""
+    if torch.device(device).type == "cpu":
+        keep_freed_memory_in_heap()  # reuse freed activation buffers instead of re-faulting them (see matching)
     images, labels = synthetic.images.detach().to(device), synthetic.labels.detach().to(device)
     loss_fn = F.cross_entropy if labels.dtype == torch.long else soft_cross_entropy
     optimizer = torch.optim.SGD(net.parameters(), lr=synthetic.lr, momentum=cfg.momentum,
