@@ -253,3 +253,23 @@ def parse_args(description: str, argv: Sequence[str] | None = None):
     parser.add_argument("--allocator", default="default", choices=list(ALLOCATORS),
                         help="allocator environment of the measuring processes (see common.ALLOCATORS)")
     return parser
+
+
+def report(name: str, quick: bool, meta: dict[str, Any], rows: list[dict[str, Any]],
+           columns: list[tuple[str, str]], summary: dict[str, Any]) -> None:
+    """Print the table and the summary, and write the JSON."""
+    print()
+    print(table(rows, columns))
+    print()
+    for key, value in summary.items():
+        print(f"{key}: {fmt(value)}")
+    print(f"\nwrote {write_results(name, quick, meta, rows, summary)}")
+
+
+def entry(child: Callable[[dict[str, Any]], dict[str, Any]], main: Callable[[], int]) -> None:
+    """A benchmark script is either the parent (`main`) or one measured configuration (`child`)."""
+    payload = child_payload(sys.argv)
+    if payload is not None:
+        emit(child(payload))
+    else:
+        sys.exit(main())

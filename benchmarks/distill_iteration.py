@@ -241,8 +241,4 @@ def summarize(rows: list[dict], quick: bool) -> dict:
 
 
 if __name__ == "__main__":
-    payload = common.child_payload(sys.argv)
-    if payload is not None:
-        common.emit(child(payload))
-    else:
-        sys.exit(main())
+    common.entry(child, main)

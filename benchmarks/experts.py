@@ -197,18 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                ("wall_s", "train s"), ("images_per_s", "img/s end-to-end"),
                ("steady_images_per_s", "img/s steady"), ("first_epoch_end_after_s", "1st epoch end s"),
                ("error", "error")]
-    print()
-    print(common.table(rows, columns))
-    print()
-    for key, value in summary.items():
-        print(f"{key}: {common.fmt(value)}")
-    print(f"\nwrote {common.write_results(NAME, args.quick, meta, rows, summary)}")
+    common.report(NAME, args.quick, meta, rows, columns, summary)
     return 0
 
 
 if __name__ == "__main__":
-    payload = common.child_payload(sys.argv)
-    if payload is not None:
-        common.emit(child(payload))
-    else:
-        sys.exit(main())
+    common.entry(child, main)

@@ -138,8 +138,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    payload = common.child_payload(sys.argv)
-    if payload is not None:
-        common.emit(child(payload))
-    else:
-        sys.exit(main())
+    common.entry(child, main)
