@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import resource
+import sys
 
 import torch
 
@@ -37,3 +39,33 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_heap_reuse = {"done": False}
+
+
+def keep_freed_memory_in_heap() -> bool:
+    """Make glibc keep freed large blocks in the heap for reuse instead of unmapping them (once per process).
+
+    glibc serves every block above 32 MiB with its own mmap and unmaps it on free, so each of the
+    step's large activation buffers (a [100, 128, 32, 32] float32 tensor is 52 MB) is fresh memory
+    that the kernel must fault in and zero again, step after step: about 40% of the CPU time of an
+    iteration on a 2-core machine (BENCHMARKS.md). With mmap off and heap trimming only
+    above 2 GiB, freed buffers are reused. Numerics are untouched; the process keeps its peak heap
+    instead of returning freed memory to the system. A no-op where the C library is not glibc.
+    Returns whether the setting was applied (now or before).
+    """
+    if _heap_reuse["done"]:
+        return bool(_heap_reuse.get("applied"))
+    _heap_reuse["done"] = True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    _heap_reuse["applied"] = applied
+    return applied
