@@ -56,6 +56,7 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
     import torch
 
     from pad_ray import stages
+    from pad_ray.trajectories import TrajectoryStore
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -71,8 +72,11 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
         trajectories = [] if stage == "scores" else stages.ensure_experts(cfg, data, order, device)
     if stage == "scores":
         return {"classes": len(order), "samples": sum(len(o) for o in order)}
+    quality = TrajectoryStore(cfg.store_dir, cfg).quality(cfg.experts.num_experts)
+    print(quality.line(), file=sys.stderr)
     if stage == "experts":
-        return {"experts": len(trajectories), "store": str(Path(cfg.store_dir).resolve())}
+        return {"experts": len(trajectories), "store": str(Path(cfg.store_dir).resolve()),
+                "accuracy": quality.summary(), "per_expert": quality.experts}
     distiller = stages.run_distillation(cfg, data, trajectories, device, out)
     result: dict[str, Any] = {"run_dir": str(out), "iterations": distiller.iteration,
                               "skipped": distiller.skipped, "best_val_accuracy": distiller.best["val"],

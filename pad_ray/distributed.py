@@ -66,6 +66,13 @@ def difficulty_order(cfg: RunConfig, data: Dataset) -> list[torch.Tensor]:
     return order
 
 
+def _split_on(arrays: tuple[np.ndarray, np.ndarray], device: torch.device) -> Split:
+    """A split from its object-store arrays (read-only buffers, hence the copies)."""
+    images, labels = arrays
+    return Split(torch.from_numpy(images.copy()).to(device), torch.from_numpy(labels.copy()).to(device),
+                 torch.arange(len(labels)))
+
+
 def _expert_worker(loop: dict[str, Any]) -> None:
     """One Ray Train worker: train this rank's share of the missing experts into the store."""
     from ray.experimental.tqdm_ray import tqdm
@@ -74,16 +81,14 @@ def _expert_worker(loop: dict[str, Any]) -> None:
     torch.set_num_threads(loop["threads"])
     cfg = RunConfig.model_validate(loop["config"])
     device = task_device()
-    images, labels = ray.get(loop["images"]), ray.get(loop["labels"])
-    train = Split(torch.from_numpy(images.copy()).to(device), torch.from_numpy(labels.copy()).to(device),
-                  torch.arange(len(labels)))
+    splits = stages.ExpertSplits(*(_split_on(ray.get(ref), device) for ref in loop["splits"]))
     order = [torch.from_numpy(o.copy()) for o in ray.get(loop["order"])]
     store = TrajectoryStore(cfg.store_dir, cfg)
     for index in loop["missing"][context.get_world_rank()::context.get_world_size()]:
         if store.is_valid(index):  # finished before a restart
             continue
         bar = tqdm(total=cfg.experts.epochs, desc=f"expert {index}")
-        stages.produce_expert(cfg, store, index, train, order, loop["num_classes"], device,
+        stages.produce_expert(cfg, store, index, splits, order, loop["num_classes"], device,
                               on_epoch=lambda epoch, loss: bar.update(1))
         bar.close()
 
@@ -102,7 +107,8 @@ def generate_experts(cfg: RunConfig, data: Dataset, order: list[torch.Tensor]) -
     loop = {
         "config": to_dict(cfg), "missing": missing, "num_classes": data.num_classes,
         "threads": cfg.resources.cpus_per_worker,
-        "images": ray.put(data.train.images.numpy()), "labels": ray.put(data.train.labels.numpy()),
+        # Experts train on train and are measured on val and test (their stored quality).
+        "splits": [ray.put((s.images.numpy(), s.labels.numpy())) for s in (data.train, data.val, data.test)],
         "order": ray.put([o.numpy() for o in order]),
     }
     resources = {"CPU": cfg.resources.cpus_per_worker, **({"GPU": 1} if gpu else {})}

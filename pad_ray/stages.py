@@ -7,6 +7,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from pad_ray import files
 from pad_ray.config import ConfigError, RunConfig, to_dict
 from pad_ray.difficulty import el2n_run, load_index_file, order_by_score
 from pad_ray.distill import Distiller, distill
-from pad_ray.evaluate import Scores, SyntheticSet, evaluate
+from pad_ray.evaluate import Scores, SyntheticSet, accuracy, evaluate
 from pad_ray.experts import ExpertRun
 from pad_ray.runtime import derive_seed
 from pad_ray.schedule import check_schedule
@@ -61,25 +62,48 @@ def difficulty_order(cfg: RunConfig, data: datasets.Dataset, device: torch.devic
     return order
 
 
-def produce_expert(cfg: RunConfig, store: TrajectoryStore, index: int, train: datasets.Split,
+@dataclass(frozen=True)
+class ExpertSplits:
+    """What an expert trains on and is measured on, already on its device."""
+
+    train: datasets.Split
+    val: datasets.Split
+    test: datasets.Split
+
+    @classmethod
+    def of(cls, data: datasets.Dataset, device: torch.device) -> ExpertSplits:
+        return cls(*(datasets.Split(s.images.to(device), s.labels.to(device), s.index)
+                     for s in (data.train, data.val, data.test)))
+
+
+def produce_expert(cfg: RunConfig, store: TrajectoryStore, index: int, splits: ExpertSplits,
                    order: list[torch.Tensor], num_classes: int, device: torch.device,
                    on_epoch: Callable[[int, float], None] | None = None) -> None:
     """Train expert `index` into the store, checkpointing after every epoch and resuming from the
-    last checkpoint, so a killed process loses at most the epoch it was in."""
-    run = ExpertRun(train, order, num_classes, cfg.model, cfg.experts, cfg.schedule,
+    last checkpoint, so a killed process loses at most the epoch it was in. Its loss and validation
+    accuracy per epoch and its final train, validation and test accuracy are stored beside it:
+    distillation cannot beat the trajectories it imitates, so weak experts must be visible."""
+    run = ExpertRun(splits.train, order, num_classes, cfg.model, cfg.experts, cfg.schedule,
                     derive_seed(cfg.seed, "expert", index), device)
     partial = store.load_partial(index)
-    resumed_at = []
+    resumed_at: list[int] = []
+    history: dict[str, list[float]] = {"loss": [], "val_accuracy": []}
     if partial is not None:
         run.load_state_dict(partial["run"])
         resumed_at = partial["resumed_at"] + [run.epoch]
+        history = partial.get("history", history)
     while run.epoch < cfg.experts.epochs:
         loss = run.run_epoch()
+        history["loss"].append(loss)
+        history["val_accuracy"].append(accuracy(run.net, splits.val, device))
         if run.epoch < cfg.experts.epochs:
-            store.save_partial(index, {"run": run.state_dict(), "resumed_at": resumed_at})
+            store.save_partial(index, {"run": run.state_dict(), "resumed_at": resumed_at, "history": history})
         if on_epoch is not None:
             on_epoch(run.epoch, loss)
-    store.save(index, run.trajectory(), resumed_at)
+    quality = {**history, "train_accuracy": accuracy(run.net, splits.train, device),
+               "final_val_accuracy": history["val_accuracy"][-1],
+               "test_accuracy": accuracy(run.net, splits.test, device)}
+    store.save(index, run.trajectory(), resumed_at, quality)
 
 
 def ensure_experts(cfg: RunConfig, data: datasets.Dataset, order: list[torch.Tensor], device: torch.device,
@@ -88,9 +112,9 @@ def ensure_experts(cfg: RunConfig, data: datasets.Dataset, order: list[torch.Ten
     check_schedule(order, cfg.schedule, cfg.experts.epochs)
     store = TrajectoryStore(cfg.store_dir, cfg)
     missing = store.missing(cfg.experts.num_experts)
-    train = datasets.Split(data.train.images.to(device), data.train.labels.to(device), data.train.index)
+    splits = ExpertSplits.of(data, device)
     for index in tqdm(missing, desc="experts", disable=not progress or not missing):
-        produce_expert(cfg, store, index, train, order, data.num_classes, device)
+        produce_expert(cfg, store, index, splits, order, data.num_classes, device)
     return [store.load(i) for i in range(cfg.experts.num_experts)]
 
 

@@ -138,6 +138,9 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
     for key, (cfg, last_epoch, count) in _expert_sets(sweep).items():
         order = distributed.difficulty_order(cfg, data)
         store = distributed.generate_experts(cfg, data, order)
+        quality = store.quality(count)
+        print(f"IR {cfg.schedule.init_ratio:g}, AEE {cfg.schedule.add_end_epoch}: {quality.line()}", file=sys.stderr)
+        tracking.log_expert_set(client, experiment_id, sweep.name, cfg, quality)
         experts[key] = distributed.put_trajectories(store, count, last_epoch)
 
     parent = client.create_run(experiment_id, run_name=f"{sweep.name} sweep", tags={"sweep": sweep.name})

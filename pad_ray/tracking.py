@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
-from pad_ray.config import ConfigError, SweepConfig, to_dict, trial_config
+from pad_ray.config import ConfigError, RunConfig, SweepConfig, to_dict, trial_config
+from pad_ray.trajectories import ExpertQuality
 
 # Reported values that are bookkeeping, not metrics.
 _NOT_METRICS = {"steps", "iteration", "done", "trial_id", "experiment_tag", "date", "hostname", "node_ip",
@@ -78,6 +79,32 @@ def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)
     return out
+
+
+def log_expert_set(client: MlflowClient, experiment_id: str, sweep_name: str, cfg: RunConfig,
+                   quality: ExpertQuality) -> str:
+    """One run per expert set (found again by its store key): per-epoch loss and validation accuracy of
+    each expert, and the set's mean final accuracies, so weak experts show up beside the trials."""
+    found = client.search_runs([experiment_id], f"tags.expert_set = '{quality.key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run_id = client.create_run(experiment_id, run_name=(
+        f"experts ir{cfg.schedule.init_ratio:g} aee{cfg.schedule.add_end_epoch} {quality.key[:8]}"),
+        tags={"expert_set": quality.key, "sweep": sweep_name}).info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(name, float(value), now, 0) for name, value in quality.summary().items()]
+    for i, expert in enumerate(quality.experts):
+        for name in ("loss", "val_accuracy"):
+            metrics += [Metric(f"expert_{i}/{name}", float(v), now, epoch + 1)
+                        for epoch, v in enumerate((expert or {}).get(name, []))]
+    params = {"num_experts": len(quality.experts), "ir": cfg.schedule.init_ratio,
+              "aee": cfg.schedule.add_end_epoch,
+              **flat_params({"experts": to_dict(cfg.experts), "schedule": to_dict(cfg.schedule)})}
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    for start in range(0, len(metrics), _MAX_METRICS):
+        client.log_batch(run_id, metrics=metrics[start:start + _MAX_METRICS])
+    client.set_terminated(run_id)
+    return run_id
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,10 @@ class TrajectoryStore:
     def missing(self, count: int) -> list[int]:
         return [i for i in range(count) if not self.is_valid(i)]
 
-    def save(self, index: int, trajectory: np.ndarray, resumed_at: list[int] | None = None) -> None:
-        """Store a finished expert; `resumed_at` records the epochs it was resumed from after failures."""
+    def save(self, index: int, trajectory: np.ndarray, resumed_at: list[int] | None = None,
+             quality: dict[str, Any] | None = None) -> None:
+        """Store a finished expert; `resumed_at` records the epochs it was resumed from after failures,
+        `quality` its per-epoch loss and validation accuracy and its final accuracies."""
         identity = files.join(self.dir, "identity.json")
         if not files.exists(identity):
             files.write_json(identity, self.identity)
@@ -106,11 +109,14 @@ class TrajectoryStore:
         trajectory = np.asarray(trajectory, dtype=np.float32)
         digest = files.save_array(array_path, trajectory)
         files.write_json(sidecar, {"sha256": digest, "shape": list(trajectory.shape),
-                                   "resumed_at": resumed_at or []})
+                                   "resumed_at": resumed_at or [], **({"quality": quality} if quality else {})})
         files.remove(self.partial_path(index))
 
     def info(self, index: int) -> dict[str, Any]:
         return files.read_json(self._paths(index)[1])
+
+    def quality(self, count: int) -> ExpertQuality:
+        return ExpertQuality(self.key, [self.info(i).get("quality") for i in range(count)])
 
     # An expert in training checkpoints here after every epoch, so a killed worker loses one epoch.
     def partial_path(self, index: int) -> Path | str:
@@ -135,3 +141,28 @@ class TrajectoryStore:
         if not files.exists(sidecar):
             raise files.IntegrityError(f"{sidecar}: missing")
         return files.load_array(array_path, files.read_json(sidecar)["sha256"])
+
+
+@dataclass(frozen=True)
+class ExpertQuality:
+    """The stored accuracy of each expert of a set (None for experts stored before it was recorded)."""
+
+    key: str
+    experts: list[dict[str, Any] | None]
+
+    def mean(self, name: str) -> float:
+        values = [q[name] for q in self.experts if q is not None]
+        return float(np.mean(values)) if values else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        return {name: self.mean(name) for name in ("train_accuracy", "final_val_accuracy", "test_accuracy")}
+
+    def line(self) -> str:
+        """One line a user reads to see at once whether the experts are any good."""
+        tests = [q["test_accuracy"] for q in self.experts if q is not None]
+        if not tests:
+            return f"experts {self.key}: {len(self.experts)} experts, accuracy not recorded"
+        s = self.summary()
+        return (f"experts {self.key}: {len(self.experts)} experts, test accuracy {100 * s['test_accuracy']:.1f}% "
+                f"(min {100 * min(tests):.1f}%, max {100 * max(tests):.1f}%), validation "
+                f"{100 * s['final_val_accuracy']:.1f}%, train {100 * s['train_accuracy']:.1f}%")

@@ -235,3 +235,55 @@ def test_train_expert_with_gsam_at_rho_zero_is_the_sgd_expert(tiny):
     cfg, data, order, trajectories = tiny
     gsam = tiny_config(experts={"optimizer": "gsam", "rho": 0.0, "gsam_alpha": 0.0})
     np.testing.assert_array_equal(_train(gsam, data, order, derive_seed(cfg.seed, "expert", 1)), trajectories[1])
+
+
+def test_stored_expert_carries_its_curves_and_the_accuracy_of_its_final_weights(tiny, tmp_path):
+    from pad_ray import stages
+    from pad_ray.evaluate import accuracy
+    from pad_ray.trajectories import TrajectoryStore
+
+    _, data, order, _ = tiny
+    cfg = tiny_config(tmp_path)
+    store = TrajectoryStore(cfg.store_dir, cfg)
+    stages.produce_expert(cfg, store, 0, stages.ExpertSplits.of(data, CPU), order, 3, CPU)
+
+    quality = store.quality(1)
+    expert = quality.experts[0]
+    assert len(expert["loss"]) == len(expert["val_accuracy"]) == cfg.experts.epochs
+    assert expert["loss"][-1] < expert["loss"][0]
+    # The stored accuracies are those of the stored final weights, on each split.
+    net = seeded_model(cfg.model, 1, 3, 8, 0)
+    FlatParams(net).load_into(net, torch.from_numpy(np.array(store.load(0)[-1])))
+    for split, name in ((data.train, "train_accuracy"), (data.val, "final_val_accuracy"),
+                        (data.test, "test_accuracy")):
+        assert expert[name] == pytest.approx(accuracy(net, split, CPU))
+    assert expert["final_val_accuracy"] == expert["val_accuracy"][-1]
+    assert quality.summary()["test_accuracy"] == pytest.approx(expert["test_accuracy"])
+    assert f"{100 * expert['test_accuracy']:.1f}%" in quality.line()
+
+
+def test_a_resumed_expert_keeps_the_curves_of_the_epochs_before_the_interruption(tiny, tmp_path):
+    from pad_ray import stages
+    from pad_ray.trajectories import TrajectoryStore
+
+    _, data, order, _ = tiny
+    cfg = tiny_config(tmp_path)
+    splits = stages.ExpertSplits.of(data, CPU)
+    whole = TrajectoryStore(cfg.store_dir, cfg)
+    stages.produce_expert(cfg, whole, 0, splits, order, 3, CPU)
+
+    cut = tiny_config(tmp_path / "cut")
+    store = TrajectoryStore(cut.store_dir, cut)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(epoch, loss):
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        stages.produce_expert(cut, store, 0, splits, order, 3, CPU, on_epoch=stop_after_two)
+    stages.produce_expert(cut, store, 0, splits, order, 3, CPU)
+    assert store.info(0)["resumed_at"] == [2]
+    assert store.quality(1).experts[0] == whole.quality(1).experts[0]
