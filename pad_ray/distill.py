@@ -85,9 +85,12 @@ def _correct_first(net: FlatParams, finals: list[torch.Tensor], images: torch.Te
 
 
 def initial_labels(net: FlatParams, finals: list[torch.Tensor], images: torch.Tensor,
-                   hard: torch.Tensor) -> torch.Tensor:
+                   hard: torch.Tensor, pix_init: str = "correct") -> torch.Tensor:
     """DATM's soft labels: per image, the mean logits of the experts that classify it correctly
-    (of all experts where none does)."""
+    (of all experts where none does). For `pix_init: real` the released code instead takes the raw
+    logits of its first expert, unfiltered (docs/decisions.md); so does this."""
+    if pix_init == "real":
+        return _logits(net, finals[0], images)
     all_logits = torch.stack([_logits(net, f, images) for f in finals])  # [E, n, C]
     correct = (all_logits.argmax(dim=2) == hard.to(all_logits.device)).float()  # [E, n]
     none = correct.sum(dim=0) == 0
@@ -134,7 +137,7 @@ class Distiller:
         hard = torch.arange(data.num_classes).repeat_interleave(d.ipc)
         images = initial_images(cfg, data, self.net, finals, self.gen, device)
         self.images = images.detach().clone().requires_grad_()
-        self.labels = initial_labels(self.net, finals, images, hard).detach().requires_grad_()
+        self.labels = initial_labels(self.net, finals, images, hard, d.pix_init).detach().requires_grad_()
         self.syn_lr = torch.tensor(d.lr_teacher, device=device).requires_grad_()
         self.opt_images = torch.optim.SGD([self.images], lr=d.lr_img, momentum=d.momentum_img)
         self.opt_lr = torch.optim.SGD([self.syn_lr], lr=d.lr_lr, momentum=d.momentum_lr)

@@ -41,6 +41,16 @@ class Scores:
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def random_real_subset(train: Split, num_classes: int, ipc: int, lr: float, gen: torch.Generator) -> SyntheticSet:
+    """The control every distilled set must beat: `ipc` random real images per class, hard labels."""
+    picks = []
+    for c in range(num_classes):
+        members = torch.nonzero(train.labels == c).flatten()
+        picks.append(members[torch.randperm(len(members), generator=gen)[:ipc]])
+    picks = torch.cat(picks)
+    return SyntheticSet(train.images[picks], train.labels[picks], lr)
+
+
 def accuracy(net: nn.Module, split: Split, device: torch.device, batch: int = 1024) -> float:
     if len(split.labels) == 0:
         return float("nan")

@@ -62,13 +62,16 @@ class ConvNet(nn.Module):
         layers: list[nn.Module] = []
         in_channels = channels
         size = image_size
-        for _ in range(depth):
-            layers.append(nn.Conv2d(in_channels, width, kernel_size=3, padding=1))
+        for d in range(depth):
+            # The authors' ConvNet sizes 28x28 (MNIST-family) inputs as 32x32, so the first layer pads by 3
+            # and the classifier sees 4x4 maps (2048 inputs at width 128), as VGG11/AlexNet/LeNet do here.
+            padding = 3 if d == 0 and image_size == 28 else 1
+            layers.append(nn.Conv2d(in_channels, width, kernel_size=3, padding=padding))
             if norm != "none":
                 layers.append(_norm_layer(norm, width))
             layers += [nn.ReLU(), nn.AvgPool2d(kernel_size=2, stride=2)]
             in_channels = width
-            size //= 2
+            size = _out_size(size, 3, 1, padding) // 2
         _check_feature_size(size, image_size, "ConvNet")
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * size * size, num_classes)

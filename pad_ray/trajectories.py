@@ -44,10 +44,15 @@ def difficulty_identity(cfg: RunConfig) -> dict[str, Any]:
     return identity
 
 
+# Bumped whenever the networks' parameter layout changes, so that stores of the old layout are not reused.
+MODEL_LAYOUT = 2  # 2: 28x28 inputs padded to 32x32 in the ConvNet's first layer
+
+
 def expert_identity(cfg: RunConfig) -> dict[str, Any]:
     experts = to_dict(cfg.experts)
     experts.pop("num_experts")  # more experts extend the same set
-    return {**difficulty_identity(cfg), "schedule": to_dict(cfg.schedule), "experts": experts}
+    return {**difficulty_identity(cfg), "schedule": to_dict(cfg.schedule), "experts": experts,
+            "model_layout": MODEL_LAYOUT}
 
 
 class DifficultyCache:

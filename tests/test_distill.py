@@ -35,6 +35,17 @@ def test_initial_set_is_class_contiguous_and_correctly_predicted(tiny):
     assert d.syn_lr.item() == pytest.approx(cfg.distill.lr_teacher)
 
 
+def test_real_init_takes_the_first_experts_raw_logits_as_the_released_code_does(tiny):
+    _, data, _, trajectories = tiny
+    cfg = tiny_config(distill={"pix_init": "real"})
+    d = Distiller(cfg, data, trajectories, CPU)
+    first = torch.from_numpy(trajectories[0][-1].copy())
+    second = torch.from_numpy(trajectories[1][-1].copy())
+    with torch.no_grad():
+        torch.testing.assert_close(d.labels, d.net.forward(first, d.images))
+        assert not torch.allclose(d.labels, (d.net.forward(first, d.images) + d.net.forward(second, d.images)) / 2)
+
+
 def test_ipc_larger_than_a_class_is_rejected(tiny):
     _, data, _, trajectories = tiny
     cfg = tiny_config(distill={"ipc": 21})

@@ -44,7 +44,7 @@ def test_cifar10_convnet_span_table() -> None:
         (3, 10, 32, 3, 320_010, 128 * 4 * 4),  # CIFAR-10
         (3, 100, 32, 3, 504_420, 128 * 4 * 4),  # CIFAR-100
         (3, 200, 64, 4, 857_160, 128 * 4 * 4),  # Tiny ImageNet, depth 4
-        (1, 10, 28, 3, 308_746, 128 * 3 * 3),  # MNIST: 28 -> 14 -> 7 -> 3
+        (1, 10, 28, 3, 317_706, 128 * 4 * 4),  # MNIST: padded to 32 -> 16 -> 8 -> 4, as the authors do
     ],
 )
 def test_convnet_totals(

@@ -1,0 +1,154 @@
+"""Quality: what a distilled set is worth against its controls, under one evaluation protocol.
+
+    python3 benchmarks/quality.py --dataset mnist --ipc 1 10 50 [--rows ...] [--set KEY=VALUE ...]
+
+For each IPC the run config is the preset `<family>-ipc<N>` (family defaults to the dataset) with the
+`--set` overrides, and every row is scored by the same final evaluation (`--nets` fresh nets, at
+least 5, mean +- std of test accuracy on the real test split):
+
+  random       `--draws` random real subsets of IPC images per class, hard labels, lr_teacher
+  start        the distillation's starting set (iteration 0: chosen real images, expert soft labels)
+  pad          PAD as configured (the preset)
+  alpha0       no parameter selection (alpha 0)
+  no_schedule  experts on all the data from the start (IR 1, no removal), alpha as configured
+  datm         both filters off (IR 1, no removal, alpha 0): DATM
+  ceiling      nets trained on the whole training split with the experts' recipe (the no-schedule
+               experts themselves: their final test accuracy)
+
+Experts are shared across rows and IPCs through the store (`--store`), so each expert set trains
+once. Each (IPC, row) runs in a fresh child process; the JSON lands in
+`benchmarks/results/quality-<dataset>.json` (or `--name`).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+ROWS = ("random", "start", "pad", "alpha0", "no_schedule", "datm", "ceiling")
+NO_SCHEDULE = {"schedule": {"init_ratio": 1.0, "add_end_epoch": 0, "remove": []}}
+ROW_OVERRIDES = {
+    "random": {}, "start": {}, "pad": {}, "alpha0": {"distill": {"alpha": 0.0}},
+    "no_schedule": NO_SCHEDULE, "datm": {**NO_SCHEDULE, "distill": {"alpha": 0.0}}, "ceiling": NO_SCHEDULE,
+}
+
+
+def run_config(p: dict):
+    from pad_ray.config import build_config, deep_merge
+
+    raw = {"preset": f"{p['family']}-ipc{p['ipc']}", "data": {"root": p["root"]}, "store_dir": p["store"],
+           "output_dir": p["store"], "device": "auto", "resources": {"workers": 0},
+           "evaluate": {"num_nets": p["nets"]}}
+    raw = deep_merge(deep_merge(raw, p["overrides"]), ROW_OVERRIDES[p["row"]])
+    return build_config(raw, f"quality row {p['row']}")
+
+
+def child(p: dict) -> dict:
+    import torch
+
+    from pad_ray import stages
+    from pad_ray.distill import Distiller, distill
+    from pad_ray.evaluate import Scores, random_real_subset
+    from pad_ray.runtime import derive_seed, generator, resolve_device
+    from pad_ray.trajectories import TrajectoryStore
+
+    threads = common.set_threads(p.get("threads"))
+    cfg = run_config(p)
+    dev = resolve_device(cfg.device)
+    began = time.perf_counter()
+    data = stages.load_data(cfg)
+    order = stages.difficulty_order(cfg, data, dev, progress=False)
+    trajectories = stages.ensure_experts(cfg, data, order, dev, progress=False)
+    quality = TrajectoryStore(cfg.store_dir, cfg).quality(cfg.experts.num_experts)
+    row = {**{k: p[k] for k in ("ipc", "row")}, "threads": threads, "device": str(dev),
+           "expert_test_accuracy": quality.summary()["test_accuracy"], "prepare_s": time.perf_counter() - began}
+
+    began = time.perf_counter()
+    if p["row"] == "ceiling":
+        tests = [q["test_accuracy"] for q in quality.experts]
+        row.update(test=tests, nets=len(tests))
+    elif p["row"] == "random":
+        tests = []
+        for draw in range(p["draws"]):
+            subset = random_real_subset(data.train, data.num_classes, cfg.distill.ipc, cfg.distill.lr_teacher,
+                                        generator(derive_seed(cfg.seed, "random-subset", draw)))
+            tests += stages.final_evaluation(cfg, data, subset, dev)[cfg.model.name]["test"]
+        row.update(test=tests, nets=len(tests), draws=p["draws"])
+    else:
+        if p["row"] == "start":
+            synthetic = Distiller(cfg, data, trajectories, dev).synthetic()
+        else:
+            distiller = distill(cfg, data, trajectories, dev, progress=False)
+            synthetic = distiller.best_synthetic()
+            row.update(iterations=distiller.iteration, skipped=distiller.skipped, distill_s=distiller.elapsed,
+                       best_iteration=distiller.best["iteration"])
+        tests = stages.final_evaluation(cfg, data, synthetic, dev)[cfg.model.name]["test"]
+        row.update(test=tests, nets=len(tests))
+    mean, std = Scores.summary(row["test"])
+    row.update(test_mean=100 * mean, test_std=100 * std, row_s=time.perf_counter() - began)
+    return row
+
+
+def main() -> int:
+    parser = common.parse_args(__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--family", help="preset family (presets <family>-ipc<N>); default: the dataset")
+    parser.add_argument("--root", default=str(common.REPO.parent / "shared" / "data"), help="data.root")
+    parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--nets", type=int, default=5, help="evaluation nets per row (at least 5)")
+    parser.add_argument("--draws", type=int, default=3, help="random subsets (at least 3)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config override for every row, e.g. --set distill.iterations=500")
+    parser.add_argument("--store", default=str(common.REPO / "runs" / "quality-store"),
+                        help="expert store shared by the rows (and by later runs)")
+    parser.add_argument("--name", help="results file name (default: quality-<dataset>)")
+    args = parser.parse_args()
+    if args.nets < 5 or args.draws < 3:
+        parser.error("the protocol needs --nets >= 5 and --draws >= 3")
+
+    from pad_ray.cli import parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    family = args.family or args.dataset
+    rows = []
+    for ipc in args.ipc:
+        for row in args.rows:
+            payload = {"family": family, "ipc": ipc, "row": row, "root": str(Path(args.root).resolve()),
+                       "overrides": copy.deepcopy(overrides), "nets": args.nets, "draws": args.draws,
+                       "store": str(Path(args.store).resolve()), "threads": args.threads}
+            print(f"IPC {ipc} {row} ...", flush=True)
+            result = common.run_child(__file__, payload, timeout_s=6 * 3600)
+            print(f"  {common.fmt(result.get('test_mean'))} +- {common.fmt(result.get('test_std'))}"
+                  f" ({common.fmt(result.get('child_wall_s'))} s){' ' + result['error'] if 'error' in result else ''}",
+                  flush=True)
+            rows.append(result)
+    meta = {**common.machine(), "dataset": args.dataset, "family": family, "overrides": overrides,
+            "nets": args.nets, "draws": args.draws}
+    columns = [("ipc", "IPC"), ("row", "row"), ("test_mean", "test acc %"), ("test_std", "std"), ("nets", "nets"),
+               ("expert_test_accuracy", "expert acc"), ("iterations", "iters"), ("skipped", "skipped"),
+               ("distill_s", "distill s"), ("child_wall_s", "wall s")]
+    common.report(args.name or f"quality-{args.dataset}", args.quick, meta, rows, columns, _margins(rows))
+    return 0
+
+
+def _margins(rows: list[dict]) -> dict:
+    """PAD's lead over random subsets and over its own starting set, per IPC (in points)."""
+    summary = {}
+    by = {(r["ipc"], r["row"]): r.get("test_mean") for r in rows}
+    for ipc in sorted({r["ipc"] for r in rows}):
+        pad = by.get((ipc, "pad"))
+        for control in ("random", "start"):
+            if pad is not None and by.get((ipc, control)) is not None:
+                summary[f"ipc{ipc} pad - {control}"] = pad - by[(ipc, control)]
+    return summary
+
+
+if __name__ == "__main__":
+    common.entry(child, main)
