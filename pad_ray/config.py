@@ -27,7 +27,8 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    dataset: Literal["mnist", "cifar10", "cifar100", "tinyimagenet"]
+    # pad_ray.data.DATASETS, spelled out so that config.py does not import torch (a test keeps them equal).
+    dataset: Literal["mnist", "fashionmnist", "kmnist", "svhn", "cifar10", "cifar100", "tinyimagenet"]
     root: str = "../shared/data"
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     zca: bool = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,16 +16,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets import MNIST, ImageFolder
+from torchvision.datasets import KMNIST, MNIST, SVHN, FashionMNIST, ImageFolder
 
 from pad_ray.runtime import derive_seed
 
-DATASETS = ("mnist", "cifar10", "cifar100", "tinyimagenet")
+DATASETS = ("mnist", "fashionmnist", "kmnist", "svhn", "cifar10", "cifar100", "tinyimagenet")
 
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2023, 0.1994, 0.2010)
+# Per-channel mean and std in [0, 1] of each train split. CIFAR's std is not the train set's (it is
+# smaller); it and SVHN's are kept as the DC/DSA/MTT code that PAD's release builds on has them.
 _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
+    "fashionmnist": ((0.2860,), (0.3530,)),
+    "kmnist": ((0.1918,), (0.3483,)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
     "cifar10": (_CIFAR_MEAN, _CIFAR_STD),
     "cifar100": (_CIFAR_MEAN, _CIFAR_STD),
     "tinyimagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -129,7 +135,8 @@ def _normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, 
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+    # A bare assert in a reader has no text; its type still tells the user something.
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _require_file(path: Path, expected: str) -> None:
@@ -147,29 +154,42 @@ def _unit_float(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
-# --- MNIST -------------------------------------------------------------------------------------
+# --- MNIST family (MNIST, Fashion-MNIST, KMNIST: the same idx files under <root>/<Class>/raw) ----
 
-_MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+_IDX_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
-def _load_mnist(root: Path) -> RawData:
-    raw_dir = root / "MNIST" / "raw"
-    for name in _MNIST_FILES:
-        _require_file(raw_dir / name, f"the unpacked MNIST idx files under {root}/MNIST/raw")
+def _load_mnist_family(root: Path, source: type[MNIST]) -> RawData:
+    title = source.__name__
+    # torchvision's raw_folder rule, needed before an instance exists to report a missing file.
+    raw_dir = root / title / "raw"
+    for names in _IDX_FILES.values():
+        for name in names:
+            _require_file(raw_dir / name, f"the unpacked {title} idx files under {raw_dir}")
     splits = []
-    for train in (True, False):
+    for train, names in _IDX_FILES.items():
+        where = f"{title} idx files {' and '.join(str(raw_dir / name) for name in names)}"
         try:
-            mnist = MNIST(str(root), train=train, download=False)
-        except (RuntimeError, ValueError, AssertionError) as error:
-            raise DataError(f"malformed MNIST idx files in {raw_dir}: {_one_line(error)}") from error
-        splits += [_unit_float(mnist.data.unsqueeze(1)), mnist.targets.to(torch.int64)]
+            dataset = source(str(root), train=train, download=False)
+        except (RuntimeError, ValueError, TypeError, KeyError, AssertionError) as error:
+            raise DataError(f"malformed {where}: {_one_line(error)}") from error
+        images, labels = dataset.data, dataset.targets
+        # torchvision checks neither that the two files agree nor the label range; a mismatch would
+        # silently pair images with the wrong labels.
+        if images.shape[1:] != (28, 28) or len(labels) != len(images) or not len(images):
+            raise DataError(
+                f"malformed {where}: {len(images)} images of {tuple(images.shape[1:])} and {len(labels)} labels "
+                "(expected at least one 28x28 image and one label per image)"
+            )
+        classes = len(source.classes)
+        if int(labels.max()) >= classes:
+            raise DataError(f"malformed {where}: label {int(labels.max())} (expected labels below {classes})")
+        splits += [_unit_float(images.unsqueeze(1)), labels.to(torch.int64)]
     train_x, train_y, test_x, test_y = splits
-    return train_x, train_y, test_x, test_y, list(MNIST.classes)
+    return train_x, train_y, test_x, test_y, list(source.classes)
 
 
 # --- CIFAR (binary version: the python version is pickled, which we refuse to load) ----------
@@ -264,6 +284,49 @@ def _load_cifar(root: Path, fmt: _CifarFormat) -> RawData:
     return train_x, train_y, test_x, test_y, names
 
 
+# --- SVHN (the cropped-digits .mat files that torchvision.datasets.SVHN reads) ---------------------
+
+_SVHN_DIR = "SVHN"
+# Split name -> (url, filename, md5), torchvision's own table.
+_SVHN_SPLITS = {split: SVHN.split_list[split] for split in ("train", "test")}
+# SVHN stores the digit 0 as label 10; torchvision maps it to 0, so label k is the digit k.
+_SVHN_CLASSES = [str(digit) for digit in range(10)]
+
+
+def _read_svhn_split(path: Path, expected: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _require_file(path, expected)
+    # Imported here because only SVHN needs scipy, and every Ray worker imports this module.
+    from scipy.io import loadmat, matlab
+
+    layout = "expected a MATLAB v5 file with X uint8 [32, 32, 3, N] and y [N, 1] holding 1..10"
+    try:
+        contents = loadmat(path, variable_names=("X", "y"))
+    except (ValueError, TypeError, LookupError, OSError, NotImplementedError, zlib.error, matlab.MatReadError) as error:
+        raise DataError(f"malformed SVHN file: {path} ({_one_line(error)}; {layout})") from error
+    pixels, labels = contents.get("X"), contents.get("y")
+    if pixels is None or labels is None:
+        raise DataError(f"malformed SVHN file: {path} lacks {'X' if pixels is None else 'y'} ({layout})")
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[:3] != (32, 32, 3) or not pixels.shape[3]:
+        raise DataError(f"malformed SVHN file: {path} has X {pixels.dtype} {list(pixels.shape)} ({layout})")
+    labels = labels.reshape(-1).astype(np.int64)
+    if labels.size != pixels.shape[3]:
+        raise DataError(f"malformed SVHN file: {path} has {labels.size} labels for {pixels.shape[3]} images ({layout})")
+    if labels.min() < 1 or labels.max() > 10:
+        raise DataError(f"malformed SVHN file: {path} has labels in [{labels.min()}, {labels.max()}] ({layout})")
+    labels[labels == 10] = 0
+    # MATLAB's [H, W, C, N] -> [N, C, H, W], as torchvision transposes it.
+    images = torch.from_numpy(pixels).permute(3, 2, 0, 1)
+    return _unit_float(images), torch.from_numpy(labels)
+
+
+def _load_svhn(root: Path) -> RawData:
+    folder = root / _SVHN_DIR
+    expected = f"torchvision's SVHN train_32x32.mat and test_32x32.mat under {folder}"
+    train_x, train_y = _read_svhn_split(folder / _SVHN_SPLITS["train"][1], expected)
+    test_x, test_y = _read_svhn_split(folder / _SVHN_SPLITS["test"][1], expected)
+    return train_x, train_y, test_x, test_y, list(_SVHN_CLASSES)
+
+
 # --- Tiny ImageNet -------------------------------------------------------------------------------
 
 _TINY_SHAPE = (64, 64, 3)
@@ -331,8 +394,11 @@ def _load_images(samples: list[tuple[str, int]], loader: Callable[[str], object]
     return _unit_float(torch.from_numpy(pixels).permute(0, 3, 1, 2)), labels
 
 
+_TINY_DIR = "tiny-imagenet-200"
+
+
 def _load_tiny(root: Path) -> RawData:
-    base = root / "tiny-imagenet-200"
+    base = root / _TINY_DIR
     layout = f"Tiny ImageNet (tiny-imagenet-200/train and tiny-imagenet-200/val) under {root}"
     _require_dir(base / "train", layout)
     _require_dir(base / "val", layout)
@@ -345,12 +411,20 @@ def _load_tiny(root: Path) -> RawData:
 
 # --- public API ----------------------------------------------------------------------------------
 
+_MNIST_FAMILY: dict[str, type[MNIST]] = {"mnist": MNIST, "fashionmnist": FashionMNIST, "kmnist": KMNIST}
+
 _LOADERS: dict[str, Callable[[Path], RawData]] = {
-    "mnist": _load_mnist,
+    **{name: functools.partial(_load_mnist_family, source=source) for name, source in _MNIST_FAMILY.items()},
+    "svhn": _load_svhn,
     "cifar10": functools.partial(_load_cifar, fmt=_CIFAR10),
     "cifar100": functools.partial(_load_cifar, fmt=_CIFAR100),
     "tinyimagenet": _load_tiny,
 }
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r} (expected one of {', '.join(DATASETS)})")
 
 
 def load_raw(name: str, root: str | Path) -> RawData:
@@ -358,8 +432,7 @@ def load_raw(name: str, root: str | Path) -> RawData:
 
     For Tiny ImageNet the returned test split is the labelled official val set.
     """
-    if name not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r} (expected one of {', '.join(DATASETS)})")
+    _check_name(name)
     root = Path(root)
     _require_dir(root, f"the dataset root holding the {name} files")
     return _LOADERS[name](root)

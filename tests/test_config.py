@@ -1,6 +1,9 @@
+import typing
+
 import pytest
 
-from pad_ray.config import PRESETS, ConfigError, build_config, load_config, with_absolute_paths
+from pad_ray.config import PRESETS, ConfigError, DataConfig, build_config, load_config, with_absolute_paths
+from pad_ray.data import DATASETS
 
 
 def _error(raw) -> str:
@@ -31,6 +34,12 @@ def test_table7_values_reach_the_config():
 def test_file_values_override_the_preset():
     cfg = build_config({"preset": "cifar10-ipc10", "distill": {"alpha": 0.5}, "experts": {"optimizer": "sgd"}})
     assert cfg.distill.alpha == 0.5 and cfg.distill.syn_steps == 80 and cfg.experts.optimizer == "sgd"
+
+
+def test_config_accepts_exactly_the_loadable_datasets():
+    assert typing.get_args(DataConfig.model_fields["dataset"].annotation) == DATASETS
+    for name in ("fashionmnist", "kmnist", "svhn"):
+        assert build_config({"preset": "smoke", "data": {"dataset": name}}).data.dataset == name
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.io import savemat
+from torchvision.datasets import KMNIST, MNIST, SVHN, FashionMNIST
 
 from pad_ray.data import (
     ZCA,
@@ -150,8 +153,8 @@ def test_missing_cifar_dir_names_the_dir(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_name(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
-        load_raw("svhn", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        load_raw("imagenet", tmp_path)
 
 
 # --- Tiny ImageNet --------------------------------------------------------------------------------
@@ -262,10 +265,165 @@ def test_mnist_real_files(mnist: tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     assert len(names) == 10
 
 
-def test_mnist_missing_file(tmp_path: Path) -> None:
-    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
-    with pytest.raises(DataError, match="dataset file not found: .*train-images-idx3-ubyte"):
-        load_raw("mnist", tmp_path)
+# --- MNIST family (idx-ubyte files written here) --------------------------------------------------
+
+MNIST_FAMILY = [("mnist", MNIST), ("fashionmnist", FashionMNIST), ("kmnist", KMNIST)]
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """idx-ubyte: two zero bytes, type 0x08 (unsigned byte), the rank, each dim as a big-endian uint32, the data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dims = b"".join(size.to_bytes(4, "big") for size in array.shape)
+    path.write_bytes(bytes([0, 0, 0x08, array.ndim]) + dims + array.astype(np.uint8).tobytes())
+
+
+def _write_mnist_family(raw_dir: Path, train_labels: list[int], test_labels: list[int]) -> np.ndarray:
+    """Writes the four idx files torchvision's MNIST classes read from raw_dir; returns the train pixels."""
+    rng = np.random.default_rng(4)
+    pixels = {}
+    for prefix, labels in (("train", train_labels), ("t10k", test_labels)):
+        pixels[prefix] = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        _write_idx(raw_dir / f"{prefix}-images-idx3-ubyte", pixels[prefix])
+        _write_idx(raw_dir / f"{prefix}-labels-idx1-ubyte", np.array(labels))
+    return pixels["train"]
+
+
+@pytest.mark.parametrize(("name", "source"), MNIST_FAMILY)
+def test_mnist_family_idx_files(tmp_path: Path, name: str, source: type[MNIST]) -> None:
+    train_labels = [3, 0, 9, 3, 1, 0, 9, 1]
+    pixels = _write_mnist_family(tmp_path / source.__name__ / "raw", train_labels, [7, 2, 2])
+
+    train_x, train_y, test_x, test_y, names = load_raw(name, tmp_path)
+
+    assert train_x.shape == (8, 1, 28, 28) and train_x.dtype == torch.float32 and test_x.shape == (3, 1, 28, 28)
+    assert train_y.dtype == torch.int64 and train_y.tolist() == train_labels and test_y.tolist() == [7, 2, 2]
+    assert torch.equal(train_x[:, 0], torch.from_numpy(pixels.astype(np.float32) / 255))
+    assert train_x[5, 0, 3, 21] == pixels[5, 3, 21] / 255  # row 3, column 21: no transpose on the way in
+    assert names == source.classes and len(names) == 10
+
+    dataset = prepare(name, tmp_path, val_fraction=0.0, zca=False, seed=0)
+    assert (dataset.num_classes, dataset.channels, dataset.image_size) == (10, 1, 28)
+    assert len(dataset.mean) == len(dataset.std) == 1
+    assert torch.allclose(dataset.to_pixels(dataset.train.images), train_x, atol=1e-6)
+
+
+def test_mnist_family_class_names_are_torchvision_s(tmp_path: Path) -> None:
+    _write_mnist_family(tmp_path / "FashionMNIST" / "raw", [0, 9], [1])
+    _write_mnist_family(tmp_path / "KMNIST" / "raw", [0, 9], [1])
+    assert load_raw("fashionmnist", tmp_path)[4][::9] == ["T-shirt/top", "Ankle boot"]
+    assert load_raw("kmnist", tmp_path)[4][::9] == ["o", "wo"]
+
+
+@pytest.mark.parametrize(("name", "source"), MNIST_FAMILY)
+def test_mnist_family_missing_file(tmp_path: Path, name: str, source: type[MNIST]) -> None:
+    raw_dir = tmp_path / source.__name__ / "raw"
+    _write_mnist_family(raw_dir, [0, 1], [2])
+    (raw_dir / "t10k-labels-idx1-ubyte").unlink()
+    missing = raw_dir / "t10k-labels-idx1-ubyte"
+    with pytest.raises(DataError, match=re.escape(f"dataset file not found: {missing}")):
+        load_raw(name, tmp_path)
+
+
+@pytest.mark.parametrize("cut", [2, 10, -5])
+def test_mnist_family_truncated_file(tmp_path: Path, cut: int) -> None:
+    raw_dir = tmp_path / "KMNIST" / "raw"
+    _write_mnist_family(raw_dir, [0, 1, 2], [3])
+    images = raw_dir / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:cut])
+    with pytest.raises(DataError, match="malformed KMNIST idx files .*train-images-idx3-ubyte") as caught:
+        load_raw("kmnist", tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+def test_mnist_family_labels_must_match_images(tmp_path: Path) -> None:
+    raw_dir = tmp_path / "FashionMNIST" / "raw"
+    _write_mnist_family(raw_dir, [0, 1, 2], [3])
+    _write_idx(raw_dir / "train-labels-idx1-ubyte", np.array([0, 1]))
+    with pytest.raises(DataError, match=r"3 images of \(28, 28\) and 2 labels"):
+        load_raw("fashionmnist", tmp_path)
+    _write_idx(raw_dir / "train-labels-idx1-ubyte", np.array([0, 1, 10]))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: label 10 \(expected labels below 10\)"):
+        load_raw("fashionmnist", tmp_path)
+
+
+# --- SVHN (MATLAB v5 files written here) ----------------------------------------------------------
+
+
+def _write_svhn(folder: Path, split: str, labels: list[int], seed: int = 5) -> np.ndarray:
+    """torchvision's {split}_32x32.mat: X uint8 [32, 32, 3, N] and y uint8 [N, 1] with 10 for the digit 0."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(32, 32, 3, len(labels)), dtype=np.uint8)
+    savemat(folder / f"{split}_32x32.mat", {"X": pixels, "y": np.array(labels, dtype=np.uint8).reshape(-1, 1)})
+    return pixels
+
+
+def test_svhn_mat_files(tmp_path: Path) -> None:
+    pixels = _write_svhn(tmp_path / "SVHN", "train", [10, 1, 5, 10, 9, 2])
+    _write_svhn(tmp_path / "SVHN", "test", [3, 10], seed=6)
+
+    train_x, train_y, test_x, test_y, names = load_raw("svhn", tmp_path)
+
+    assert train_x.shape == (6, 3, 32, 32) and train_x.dtype == torch.float32 and test_x.shape == (2, 3, 32, 32)
+    assert train_y.dtype == torch.int64 and train_y.tolist() == [0, 1, 5, 0, 9, 2] and test_y.tolist() == [3, 0]
+    # X[row, column, channel, sample] lands at [sample, channel, row, column].
+    assert train_x[4, 2, 5, 17] == pixels[5, 17, 2, 4] / 255
+    assert torch.equal(train_x, torch.from_numpy(pixels.transpose(3, 2, 0, 1).astype(np.float32) / 255))
+    assert names == [str(digit) for digit in range(10)]
+
+    dataset = prepare("svhn", tmp_path, val_fraction=0.0, zca=False, seed=0)
+    assert (dataset.num_classes, dataset.channels, dataset.image_size) == (10, 3, 32)
+    assert len(dataset.mean) == len(dataset.std) == 3
+    assert torch.allclose(dataset.to_pixels(dataset.train.images), train_x, atol=1e-6)
+
+
+def test_svhn_matches_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "SVHN"
+    _write_svhn(folder, "train", [10, 4, 7, 10, 1])
+    _write_svhn(folder, "test", [2])
+    # torchvision checks the official md5 first, which small written files cannot have.
+    monkeypatch.setattr(SVHN, "_check_integrity", lambda self: True)
+    reference = SVHN(str(folder), split="train")
+
+    train_x, train_y, *_ = load_raw("svhn", tmp_path)
+
+    assert torch.equal(train_x, torch.from_numpy(reference.data).float() / 255)
+    assert train_y.tolist() == reference.labels.tolist()
+
+
+def test_svhn_missing_file(tmp_path: Path) -> None:
+    _write_svhn(tmp_path / "SVHN", "train", [1, 2])
+    with pytest.raises(DataError, match="dataset file not found: .*SVHN/test_32x32.mat"):
+        load_raw("svhn", tmp_path)
+
+
+@pytest.mark.parametrize("cut", [10, 100, -5])
+def test_svhn_truncated_file(tmp_path: Path, cut: int) -> None:
+    _write_svhn(tmp_path / "SVHN", "train", [1, 2, 3])
+    _write_svhn(tmp_path / "SVHN", "test", [4])
+    path = tmp_path / "SVHN" / "train_32x32.mat"
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(DataError, match="malformed SVHN file: .*train_32x32.mat") as caught:
+        load_raw("svhn", tmp_path)
+    assert "\n" not in str(caught.value) and "MATLAB v5" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("contents", "expected"),
+    [
+        ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[1], [0]], np.uint8)}, r"labels in \[0, 1\]"),
+        ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[1], [11]], np.uint8)}, r"labels in \[1, 11\]"),
+        ({"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[1]], np.uint8)}, "1 labels for 2 images"),
+        ({"X": np.zeros((32, 32, 1, 2), np.uint8), "y": np.array([[1], [2]], np.uint8)}, r"X uint8 \[32, 32, 1, 2\]"),
+        ({"X": np.zeros((32, 32, 3, 2)), "y": np.array([[1], [2]], np.uint8)}, "X float64"),
+        ({"images": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[1], [2]], np.uint8)}, "lacks X"),
+    ],
+)
+def test_svhn_unexpected_contents(tmp_path: Path, contents: dict[str, np.ndarray], expected: str) -> None:
+    (tmp_path / "SVHN").mkdir()
+    savemat(tmp_path / "SVHN" / "train_32x32.mat", contents)
+    _write_svhn(tmp_path / "SVHN", "test", [4])
+    with pytest.raises(DataError, match=f"train_32x32.mat .*{expected}"):
+        load_raw("svhn", tmp_path)
 
 
 # --- splits ----------------------------------------------------------------------------------------
