@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
+import tarfile
+import zipfile
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchvision.datasets import KMNIST, MNIST, SVHN, FashionMNIST, ImageFolder
+from torchvision.datasets.utils import download_and_extract_archive, download_url
 
 from pad_ray.runtime import derive_seed
 
@@ -41,6 +45,10 @@ RawData = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str
 
 class DataError(ValueError):
     """Missing or malformed dataset files. Message is ONE line naming the file/dir and what was expected."""
+
+
+class _MissingData(DataError):
+    """A file or folder that is not there at all, which `download` can fix (unlike a garbled one)."""
 
 
 @dataclass
@@ -141,12 +149,12 @@ def _one_line(error: BaseException) -> str:
 
 def _require_file(path: Path, expected: str) -> None:
     if not path.is_file():
-        raise DataError(f"dataset file not found: {path} (expected {expected})")
+        raise _MissingData(f"dataset file not found: {path} (expected {expected})")
 
 
 def _require_dir(path: Path, expected: str) -> None:
     if not path.is_dir():
-        raise DataError(f"dataset directory not found: {path} (expected {expected})")
+        raise _MissingData(f"dataset directory not found: {path} (expected {expected})")
 
 
 def _unit_float(pixels: torch.Tensor) -> torch.Tensor:
@@ -195,6 +203,7 @@ def _load_mnist_family(root: Path, source: type[MNIST]) -> RawData:
 # --- CIFAR (binary version: the python version is pickled, which we refuse to load) ----------
 
 _CIFAR_PIXELS = 3 * 32 * 32
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 
 
 @dataclass(frozen=True)
@@ -203,6 +212,7 @@ class _CifarFormat:
     binary_dir: str
     python_dir: str
     archive: str
+    archive_md5: str  # published next to the archive on the CIFAR page
     train_files: tuple[str, ...]
     test_file: str
     names_file: str
@@ -216,6 +226,7 @@ _CIFAR10 = _CifarFormat(
     binary_dir="cifar-10-batches-bin",
     python_dir="cifar-10-batches-py",
     archive="cifar-10-binary.tar.gz",
+    archive_md5="c32a1d4ab5d03f1284b67883e8d87530",
     train_files=tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
     test_file="test_batch.bin",
     names_file="batches.meta.txt",
@@ -229,6 +240,7 @@ _CIFAR100 = _CifarFormat(
     binary_dir="cifar-100-binary",
     python_dir="cifar-100-python",
     archive="cifar-100-binary.tar.gz",
+    archive_md5="03b5dce01913d631647c71ecec9e9cb8",
     train_files=("train.bin",),
     test_file="test.bin",
     names_file="fine_label_names.txt",
@@ -270,9 +282,9 @@ def _read_class_names(path: Path, count: int, expected: str) -> list[str]:
 def _load_cifar(root: Path, fmt: _CifarFormat) -> RawData:
     binary_dir = root / fmt.binary_dir
     if not binary_dir.is_dir() and (root / fmt.python_dir).is_dir():
-        raise DataError(
+        raise _MissingData(
             f"found only the python (pickled) {fmt.title} at {root / fmt.python_dir}; pad_ray reads the "
-            f"binary version (no unpickling): download {fmt.archive} and extract it under {root}"
+            f"binary version (no unpickling), {fmt.archive} extracted under {root}"
         )
     expected = f"the {fmt.title} binary version ({fmt.archive}) extracted under {root}"
     _require_dir(binary_dir, expected)
@@ -395,6 +407,8 @@ def _load_images(samples: list[tuple[str, int]], loader: Callable[[str], object]
 
 
 _TINY_DIR = "tiny-imagenet-200"
+_TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+_TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
 
 def _load_tiny(root: Path) -> RawData:
@@ -433,9 +447,61 @@ def load_raw(name: str, root: str | Path) -> RawData:
     For Tiny ImageNet the returned test split is the labelled official val set.
     """
     _check_name(name)
+    try:
+        _require_dir(Path(root), f"the dataset root holding the {name} files")
+        return _LOADERS[name](Path(root))
+    except _MissingData as error:
+        fix = f"pad-ray data {name} --root {shlex.quote(str(root))}"
+        raise _MissingData(f"{error} (get it with: {fix})") from None
+
+
+def _fetch_mnist_family(root: Path, source: type[MNIST]) -> Path:
+    # The constructor downloads all four idx files whichever split it is asked for.
+    source(str(root), train=True, download=True)
+    return root / source.__name__
+
+
+def _fetch_svhn(root: Path) -> Path:
+    # The download_url call SVHN.download makes; building an SVHN object would also parse the 180 MB file.
+    folder = root / _SVHN_DIR
+    for url, filename, md5 in _SVHN_SPLITS.values():
+        download_url(url, str(folder), filename, md5)
+    return folder
+
+
+def _fetch_archive(root: Path, url: str, md5: str, folder: str) -> Path:
+    # The archive stays in root, so a second call verifies it by md5 instead of fetching it again.
+    download_and_extract_archive(url, download_root=str(root), md5=md5)
+    return root / folder
+
+
+_FETCHERS: dict[str, Callable[[Path], Path]] = {
+    **{name: functools.partial(_fetch_mnist_family, source=source) for name, source in _MNIST_FAMILY.items()},
+    "svhn": _fetch_svhn,
+    **{
+        name: functools.partial(
+            _fetch_archive, url=_CIFAR_URL + fmt.archive, md5=fmt.archive_md5, folder=fmt.binary_dir
+        )
+        for name, fmt in (("cifar10", _CIFAR10), ("cifar100", _CIFAR100))
+    },
+    "tinyimagenet": functools.partial(_fetch_archive, url=_TINY_URL, md5=_TINY_MD5, folder=_TINY_DIR),
+}
+
+
+def download(name: str, root: str | Path) -> Path:
+    """Fetch dataset `name` into `root` in the layout `load_raw` reads; returns the dataset's folder.
+
+    Uses torchvision's downloaders and checksums; files already there with the right md5 are kept.
+    Raises ValueError for an unknown name and a one-line DataError when the download fails.
+    """
+    _check_name(name)
     root = Path(root)
-    _require_dir(root, f"the dataset root holding the {name} files")
-    return _LOADERS[name](root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return _FETCHERS[name](root)
+    # URLError and HTTPError are OSErrors; torchvision reports a bad checksum or a failed mirror as RuntimeError.
+    except (OSError, RuntimeError, tarfile.TarError, zipfile.BadZipFile) as error:
+        raise DataError(f"could not download {name} into {root}: {_one_line(error)}") from error
 
 
 def _class_members(labels: torch.Tensor) -> list[torch.Tensor]:

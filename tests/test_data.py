@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets.mnist
 from PIL import Image
 from scipy.io import savemat
 from torchvision.datasets import KMNIST, MNIST, SVHN, FashionMNIST
 
+import pad_ray.data
 from pad_ray.data import (
+    DATASETS,
     ZCA,
     DataError,
     class_balanced_split,
+    download,
     load_raw,
     per_class_subset,
     prepare,
@@ -141,10 +146,26 @@ def test_python_only_cifar_asks_for_binary(tmp_path: Path, name: str, python_dir
     assert "\n" not in message
 
 
-def test_missing_root_names_the_path(tmp_path: Path) -> None:
+def test_missing_root_names_the_path_and_the_fix(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    with pytest.raises(DataError, match=f"dataset directory not found: {missing}"):
+    with pytest.raises(DataError, match=f"dataset directory not found: {missing}") as caught:
         prepare("cifar10", missing, val_fraction=0.1, zca=False, seed=0)
+    assert str(caught.value).endswith(f"(get it with: pad-ray data cifar10 --root {missing})")
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_every_missing_dataset_names_its_download_command(tmp_path: Path, name: str) -> None:
+    with pytest.raises(DataError, match="not found") as caught:
+        load_raw(name, tmp_path)
+    message = str(caught.value)
+    assert message.endswith(f"(get it with: pad-ray data {name} --root {tmp_path})") and "\n" not in message
+
+
+def test_download_command_quotes_a_root_with_spaces(tmp_path: Path) -> None:
+    root = tmp_path / "my data"
+    root.mkdir()
+    with pytest.raises(DataError, match=re.escape(f"--root '{root}')")):
+        load_raw("svhn", root)
 
 
 def test_missing_cifar_dir_names_the_dir(tmp_path: Path) -> None:
@@ -320,8 +341,9 @@ def test_mnist_family_missing_file(tmp_path: Path, name: str, source: type[MNIST
     _write_mnist_family(raw_dir, [0, 1], [2])
     (raw_dir / "t10k-labels-idx1-ubyte").unlink()
     missing = raw_dir / "t10k-labels-idx1-ubyte"
-    with pytest.raises(DataError, match=re.escape(f"dataset file not found: {missing}")):
+    with pytest.raises(DataError, match=re.escape(f"dataset file not found: {missing}")) as caught:
         load_raw(name, tmp_path)
+    assert f"pad-ray data {name} --root" in str(caught.value)
 
 
 @pytest.mark.parametrize("cut", [2, 10, -5])
@@ -332,7 +354,7 @@ def test_mnist_family_truncated_file(tmp_path: Path, cut: int) -> None:
     images.write_bytes(images.read_bytes()[:cut])
     with pytest.raises(DataError, match="malformed KMNIST idx files .*train-images-idx3-ubyte") as caught:
         load_raw("kmnist", tmp_path)
-    assert "\n" not in str(caught.value)
+    assert "\n" not in str(caught.value) and "get it with" not in str(caught.value)
 
 
 def test_mnist_family_labels_must_match_images(tmp_path: Path) -> None:
@@ -392,8 +414,9 @@ def test_svhn_matches_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_svhn_missing_file(tmp_path: Path) -> None:
     _write_svhn(tmp_path / "SVHN", "train", [1, 2])
-    with pytest.raises(DataError, match="dataset file not found: .*SVHN/test_32x32.mat"):
+    with pytest.raises(DataError, match="dataset file not found: .*SVHN/test_32x32.mat") as caught:
         load_raw("svhn", tmp_path)
+    assert "pad-ray data svhn --root" in str(caught.value)
 
 
 @pytest.mark.parametrize("cut", [10, 100, -5])
@@ -424,6 +447,69 @@ def test_svhn_unexpected_contents(tmp_path: Path, contents: dict[str, np.ndarray
     _write_svhn(tmp_path / "SVHN", "test", [4])
     with pytest.raises(DataError, match=f"train_32x32.mat .*{expected}"):
         load_raw("svhn", tmp_path)
+
+
+# --- download (never over the network here: torchvision's fetch is replaced) ------------------------
+
+
+def test_download_unknown_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet' \(expected one of mnist, fashionmnist"):
+        download("imagenet", tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_download_cifar_fetches_the_official_binary_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def fetch(url: str, download_root: str, md5: str) -> None:
+        calls.append((url, md5))
+        _write_cifar10(Path(download_root))
+
+    monkeypatch.setattr(pad_ray.data, "download_and_extract_archive", fetch)
+    root = tmp_path / "data"
+
+    assert download("cifar10", root) == root / "cifar-10-batches-bin"
+    assert calls == [("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530")]
+    assert load_raw("cifar10", root)[0].shape == (15, 3, 32, 32)
+
+
+def test_download_svhn_lands_where_the_loader_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    urls = []
+
+    def fetch(url: str, root: str, filename: str, md5: str) -> None:
+        urls.append(url)
+        _write_svhn(Path(root), filename.split("_")[0], [1, 10])
+
+    monkeypatch.setattr(pad_ray.data, "download_url", fetch)
+
+    assert download("svhn", tmp_path) == tmp_path / "SVHN"
+    assert urls == [SVHN.split_list["train"][0], SVHN.split_list["test"][0]]
+    assert load_raw("svhn", tmp_path)[1].tolist() == [1, 0]
+
+
+def test_download_mnist_family_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fetch(url: str, download_root: str, filename: str, md5: str) -> None:
+        # Stands in for fetching and gunzipping one of the four files into torchvision's raw folder.
+        name = filename.removesuffix(".gz")
+        array = np.zeros((2, 28, 28)) if "images" in name else np.array([4, 8])
+        _write_idx(Path(download_root) / name, array)
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", fetch)
+
+    assert download("fashionmnist", tmp_path) == tmp_path / "FashionMNIST"
+    assert load_raw("fashionmnist", tmp_path)[1].tolist() == [4, 8]
+
+
+def test_download_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise URLError("no route to host")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
+    monkeypatch.setattr(pad_ray.data, "download_and_extract_archive", offline)
+    for name in ("kmnist", "tinyimagenet"):
+        with pytest.raises(DataError, match=re.escape(f"could not download {name} into {tmp_path}: ")) as caught:
+            download(name, tmp_path)
+        assert "no route to host" in str(caught.value) and "\n" not in str(caught.value)
 
 
 # --- splits ----------------------------------------------------------------------------------------
