@@ -42,7 +42,9 @@ ROW_OVERRIDES = {
 def run_config(p: dict):
     from pad_ray.config import build_config, deep_merge
 
-    raw = {"preset": f"{p['family']}-ipc{p['ipc']}", "data": {"root": p["root"]}, "store_dir": p["store"],
+    # A family's presets run on any dataset of the same shape (mnist presets on Fashion-MNIST, KMNIST).
+    raw = {"preset": f"{p['family']}-ipc{p['ipc']}", "data": {"root": p["root"], "dataset": p["dataset"]},
+           "store_dir": p["store"],
            "output_dir": p["store"], "device": "auto", "resources": {"workers": 0},
            "evaluate": {"num_nets": p["nets"]}}
     raw = deep_merge(deep_merge(raw, p["overrides"]), ROW_OVERRIDES[p["row"]])
@@ -120,7 +122,7 @@ def main() -> int:
     rows = []
     for ipc in args.ipc:
         for row in args.rows:
-            payload = {"family": family, "ipc": ipc, "row": row, "root": str(Path(args.root).resolve()),
+            payload = {"family": family, "dataset": args.dataset, "ipc": ipc, "row": row, "root": str(Path(args.root).resolve()),
                        "overrides": copy.deepcopy(overrides), "nets": args.nets, "draws": args.draws,
                        "store": str(Path(args.store).resolve()), "threads": args.threads}
             print(f"IPC {ipc} {row} ...", flush=True)

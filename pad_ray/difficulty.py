@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from pad_ray.config import ConfigError, DifficultyConfig, ModelConfig
 from pad_ray.data import Split
 from pad_ray.experts import seeded_model
-from pad_ray.runtime import generator
+from pad_ray.runtime import generator, keep_freed_memory_in_heap
 
 
 def el2n_run(train: Split, num_classes: int, model: ModelConfig, cfg: DifficultyConfig, seed: int,
              device: torch.device) -> torch.Tensor:
     """EL2N scores [N] from one run of `cfg.epochs` epochs (plain SGD with momentum, no augmentation)."""
+    if torch.device(device).type == "cpu":
+        keep_freed_memory_in_heap()  # reuse freed activation buffers instead of re-faulting them (runtime)
     images, labels = train.images.to(device), train.labels.to(device)
     net = seeded_model(model, images.shape[1], num_classes, images.shape[-1], seed).to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9)

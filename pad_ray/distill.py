@@ -28,7 +28,7 @@ from pad_ray.evaluate import Scores, SyntheticSet, evaluate
 from pad_ray.experts import seeded_model
 from pad_ray.matching import GRADIENT_PATHS, depth_cut, plan_steps
 from pad_ray.models import FlatParams
-from pad_ray.runtime import derive_seed, generator, peak_memory_mb
+from pad_ray.runtime import derive_seed, generator, keep_freed_memory_in_heap, peak_memory_mb
 
 Trajectory = np.ndarray  # [epochs + 1, P] float32; memory-mapped file or object-store buffer
 
@@ -126,6 +126,9 @@ class Distiller:
         if not trajectories:
             raise ConfigError("experts.num_experts: distillation needs at least one expert trajectory")
         self.cfg, self.data, self.trajectories, self.device = cfg, data, trajectories, device
+        if device.type == "cpu":
+            # The unrolled graph's buffers are freed and allocated again every iteration: keep them in the heap.
+            keep_freed_memory_in_heap()
         d = cfg.distill
         model = seeded_model(cfg.model, data.channels, data.num_classes, data.image_size, 0).to(device)
         self.net = FlatParams(model)

@@ -19,7 +19,7 @@ from pad_ray.augment import DSA
 from pad_ray.config import ExpertConfig, ModelConfig, ScheduleConfig
 from pad_ray.data import Split
 from pad_ray.models import FlatParams, build_model
-from pad_ray.runtime import generator
+from pad_ray.runtime import generator, keep_freed_memory_in_heap
 from pad_ray.schedule import scheduled_indices
 
 _EPS = 1e-12
@@ -77,6 +77,8 @@ class ExpertRun:
                  experts: ExpertConfig, schedule: ScheduleConfig, seed: int, device: torch.device):
         self.train, self.order, self.cfg, self.schedule = train, order, experts, schedule
         self.device = device
+        if torch.device(device).type == "cpu":
+            keep_freed_memory_in_heap()  # reuse freed activation buffers instead of re-faulting them (runtime)
         channels, size = train.images.shape[1], train.images.shape[-1]
         self.net = seeded_model(model, channels, num_classes, size, seed).to(device)
         self.flat = FlatParams(self.net)
