@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import os
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -195,78 +197,59 @@ class RunConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------
-# Presets: Table 7 of the paper for IR, AEE, alpha, N, M, T-/T/T+, interval, batch_syn and the
-# label/pixel learning rates; lr_lr, threshold, eval interval and pixel init from the released
-# configs (pad-spec Part A §2, Part B §4). CPU presets for MNIST are ours.
+# Presets: one YAML file per name in pad_ray/presets/, so a user can open, copy and diff them.
 # --------------------------------------------------------------------------------------------
 
-def _paper(dataset, ipc, aee, alpha, n, m, t_min, t, t_max, interval, batch_syn, lr_y, lr_img,
-           lr_lr, *, threshold=1.0, eval_every=500, pix_init="correct") -> dict[str, Any]:
-    # T == T+ means no growing window; any interval then leaves the bound constant.
-    return {
-        "data": {"dataset": dataset},
-        "model": {"depth": 4 if dataset == "tinyimagenet" else 3},
-        "schedule": {"init_ratio": 0.75, "add_end_epoch": aee},
-        "distill": {
-            "ipc": ipc, "alpha": alpha, "syn_steps": n, "expert_epochs": m,
-            "min_start_epoch": t_min, "current_max_start_epoch": t, "max_start_epoch": t_max,
-            "interval": interval or 100, "batch_syn": batch_syn, "lr_y": lr_y, "lr_img": lr_img,
-            "lr_lr": lr_lr, "threshold": threshold, "eval_every": eval_every, "pix_init": pix_init,
-        },
-    }
+PRESET_DIR = Path(__file__).with_name("presets")
 
 
-_PAPER_PRESETS = {
-    "cifar10-ipc1": _paper("cifar10", 1, 20, 0.0, 80, 2, 0, 4, 4, None, 10, 5, 100, 1e-7, threshold=1.1),
-    "cifar10-ipc10": _paper("cifar10", 10, 20, 0.25, 80, 2, 0, 10, 20, 100, 100, 2, 100, 1e-5),
-    "cifar10-ipc50": _paper("cifar10", 50, 20, 0.25, 80, 2, 0, 20, 40, 100, 500, 2, 1000, 1e-5),
-    "cifar10-ipc500": _paper("cifar10", 500, 20, 0.5, 80, 2, 40, 60, 60, None, 1000, 10, 50, 1e-5,
-                             eval_every=1000),
-    "cifar10-ipc1000": _paper("cifar10", 1000, 20, 0.75, 80, 2, 40, 60, 60, None, 1000, 10, 50, 1e-5,
-                              eval_every=1000),
-    "cifar100-ipc1": _paper("cifar100", 1, 40, 0.0, 40, 3, 0, 10, 20, 100, 100, 10, 1000, 1e-5),
-    "cifar100-ipc10": _paper("cifar100", 10, 40, 0.25, 80, 2, 0, 20, 40, 100, 1000, 10, 1000, 1e-5),
-    "cifar100-ipc50": _paper("cifar100", 50, 40, 0.5, 80, 2, 40, 60, 80, 100, 1000, 10, 1000, 1e-5,
-                             pix_init="real"),
-    "cifar100-ipc100": _paper("cifar100", 100, 40, 0.5, 80, 2, 40, 80, 80, None, 1000, 10, 50, 1e-5),
-    "tinyimagenet-ipc1": _paper("tinyimagenet", 1, 40, 0.0, 60, 2, 0, 15, 30, 400, 200, 10, 10000, 1e-4),
-    "tinyimagenet-ipc10": _paper("tinyimagenet", 10, 40, 0.25, 60, 2, 0, 20, 40, 100, 250, 10, 100, 1e-4),
-    "tinyimagenet-ipc50": _paper("tinyimagenet", 50, 40, 0.5, 80, 2, 20, 40, 60, 100, 250, 10, 100, 1e-4),
-}
+@functools.cache
+def _preset_files() -> dict[str, Path]:
+    # Numbers compared as numbers, so that a listing reads cifar10-ipc1, -ipc10, -ipc50, ..., -ipc1000.
+    def natural(path: Path) -> list[Any]:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.stem)]
+    return {path.stem: path for path in sorted(PRESET_DIR.glob("*.yaml"), key=natural)}
 
 
-def _mnist_cpu(ipc: int, *, train_per_class: int, test_size: int, width: int, num_experts: int,
-               expert_epochs: int, iterations: int, eval_epochs: int) -> dict[str, Any]:
-    """A CPU-sized PAD run on the real MNIST: same algorithm, smaller everything."""
-    return {
-        "data": {"dataset": "mnist", "train_per_class": train_per_class, "test_size": test_size,
-                 "val_fraction": 0.1, "zca": False},
-        "model": {"width": width},
-        "difficulty": {"seeds": 2, "epochs": 2, "batch_size": 128},
-        "schedule": {"init_ratio": 0.75, "add_end_epoch": 2,
-                     "remove": [{"after_epoch": expert_epochs - 2, "easiest_fraction": 0.1}]},
-        "experts": {"num_experts": num_experts, "epochs": expert_epochs, "optimizer": "sgd",
-                    "batch_size": 128},
-        "distill": {
-            "ipc": ipc, "alpha": 0.1, "syn_steps": 10, "expert_epochs": 2, "min_start_epoch": 0,
-            "current_max_start_epoch": 2, "max_start_epoch": expert_epochs - 2, "interval": 10,
-            "batch_syn": 10 * ipc, "lr_img": 100, "lr_lr": 1e-5, "lr_y": 2, "threshold": 1.1,
-            "iterations": iterations, "eval_every": max(1, iterations // 2),
-        },
-        "evaluate": {"num_nets": 2, "epochs": eval_epochs, "batch_size": 128},
-    }
+@functools.cache
+def _preset_text(name: str) -> str:
+    return _preset_files()[name].read_text()
 
 
-_CPU_PRESETS = {
-    "smoke": _mnist_cpu(1, train_per_class=100, test_size=1000, width=32, num_experts=2,
-                        expert_epochs=6, iterations=20, eval_epochs=100),
-    "mnist-ipc1": _mnist_cpu(1, train_per_class=300, test_size=2000, width=32, num_experts=4,
-                             expert_epochs=8, iterations=60, eval_epochs=200),
-    "mnist-ipc10": _mnist_cpu(10, train_per_class=300, test_size=2000, width=32, num_experts=4,
-                              expert_epochs=8, iterations=60, eval_epochs=200),
-}
+@functools.cache
+def _parsed_preset(name: str) -> dict[str, Any]:
+    data = yaml.safe_load(_preset_text(name))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_preset_files()[name]}: expected a mapping of sections at the top level")
+    return data
 
-PRESETS: dict[str, dict[str, Any]] = {**_PAPER_PRESETS, **_CPU_PRESETS}
+
+def preset_header(name: str) -> str:
+    """The first comment line of a preset file: what the preset is."""
+    lines = _preset_text(name).splitlines()
+    return lines[0].removeprefix("#").strip() if lines and lines[0].startswith("#") else ""
+
+
+class _Presets(Mapping[str, dict[str, Any]]):
+    """Preset name -> its raw sections, read from the package's files on first use. Each lookup
+    returns a fresh copy, so a caller that edits one cannot change the next run's preset."""
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        if name not in _preset_files():
+            raise KeyError(name)
+        return copy.deepcopy(_parsed_preset(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_preset_files())
+
+    def __len__(self) -> int:
+        return len(_preset_files())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in _preset_files()
+
+
+PRESETS: Mapping[str, dict[str, Any]] = _Presets()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,15 @@
+import json
 import typing
+from pathlib import Path
 
 import pytest
 
-from pad_ray.config import PRESETS, ConfigError, DataConfig, build_config, load_config, with_absolute_paths
+from pad_ray.config import (PRESET_DIR, PRESETS, ConfigError, DataConfig, build_config, load_config, to_dict,
+                            with_absolute_paths)
 from pad_ray.data import DATASETS
+
+# Every preset resolved by the Python dicts that the preset files replaced, recorded once.
+RESOLVED = json.loads((Path(__file__).with_name("fixtures") / "presets_resolved.json").read_text())
 
 
 def _error(raw) -> str:
@@ -18,6 +24,22 @@ def _error(raw) -> str:
 def test_every_preset_validates(name):
     cfg = build_config({"preset": name})
     assert cfg.distill.max_start_epoch + cfg.distill.expert_epochs <= cfg.experts.epochs
+
+
+def test_the_preset_files_are_exactly_the_former_presets():
+    assert sorted(PRESETS) == sorted(RESOLVED)
+
+
+@pytest.mark.parametrize("name", sorted(RESOLVED))
+def test_each_preset_file_resolves_to_its_former_config(name):
+    assert to_dict(build_config({"preset": name, "data": {"root": "x"}})) == RESOLVED[name]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_each_preset_file_says_what_it_is_and_how_to_run_it(name):
+    header = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[:2]
+    assert all(line.startswith("# ") for line in header)
+    assert f"preset: {name}" in header[1] and "pad-ray run" in header[1]
 
 
 def test_table7_values_reach_the_config():
