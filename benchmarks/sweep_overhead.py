@@ -137,7 +137,7 @@ def logging_part(quick: bool) -> list[dict]:
     from mlflow.entities import Metric
 
     from pad_ray import tracking
-    from pad_ray.config import load_sweep
+    from pad_ray.sweep_config import load_sweep
 
     os.environ.setdefault("PAD_RAY_DATA", str(DATA))
     sweep = load_sweep(common.REPO / "sweeps" / "smoke.yaml", []).model_dump(mode="json")

@@ -1,61 +1,39 @@
-"""`pad-ray`: run PAD's stages on one machine from one YAML config.
+"""`pad-ray`: PAD's stages on one machine, sweeps on Ray Tune, and the configs behind both.
 
     pad-ray scores   CONFIG    difficulty order (EL2N or an index file), cached in the store
     pad-ray experts  CONFIG    the expert trajectories the store lacks
     pad-ray distill  CONFIG    distillation (resumes from the run's checkpoint)
     pad-ray evaluate CONFIG    fresh nets on the distilled set: mean and std accuracy
     pad-ray run      CONFIG    all of the above
+    pad-ray sweep    SWEEP     a Ray Tune sweep, as `python -m pad_ray.sweep SWEEP`
+    pad-ray validate FILE      check a run config or a sweep file; list every error
+    pad-ray presets            the presets a run config can start from (`preset: NAME`)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pad_ray.config import (PRESET_DIR, PRESETS, ConfigError, RunConfig, check_config, load_config, parse_overrides,
+                            preset_header, read_with_overrides, with_absolute_paths)
+from pad_ray.errors import input_error, input_error_types
 
-from pad_ray import files
-from pad_ray.config import PRESETS, ConfigError, RunConfig, load_config, with_absolute_paths
-from pad_ray.data import DataError
-from pad_ray.distill import DivergenceError
-from pad_ray.runtime import resolve_device
+# torch, Ray and MLflow are imported inside the commands that use them, so that `--help`, `presets`,
+# `validate` and every config error answer at once.
 
 STAGES = ("scores", "experts", "distill", "evaluate", "run")
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`--set distill.iterations=20` -> {"distill": {"iterations": 20}} (values parsed as YAML)."""
-    tree: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. distill.iterations=20")
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return tree
-
-
-def input_error(exc: Exception, source: Path) -> str:
-    """One line naming the file and the key, also for errors found after the config was read."""
-    message = str(exc).splitlines()[0]
-    if isinstance(exc, DataError):
-        message = f"data.root: {message}"
-    if isinstance(exc, files.IntegrityError) or message.startswith(str(source)):
-        return message
-    return f"{source}: {message}"
-
-
 def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path | None) -> dict[str, Any]:
-    # Imported here so that `pad-ray --help` and config errors stay fast.
     import torch
 
-    from pad_ray import stages
+    from pad_ray import files, stages
+    from pad_ray.runtime import resolve_device
     from pad_ray.trajectories import TrajectoryStore
 
     torch.manual_seed(cfg.seed)
@@ -101,27 +79,109 @@ def _experts_on_ray(stage: str, cfg: RunConfig, data) -> tuple[list, list]:
     return order, [store.load(i) for i in range(cfg.experts.num_experts)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pad-ray", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("config", type=Path, help=f"YAML run config (presets: {', '.join(PRESETS)})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set distill.iterations=20")
-    parser.add_argument("--out", type=Path, help="run folder (default: output_dir/<preset>-<hash>)")
-    parser.add_argument("--synthetic", type=Path, help="distilled set to evaluate (default: the run's best)")
-    args = parser.parse_args(argv)
+# -- the commands: each returns the exit code ----------------------------------------------------
+
+def _stage(args: argparse.Namespace) -> int:
+    cfg = with_absolute_paths(load_config(args.file, parse_overrides(args.overrides)))
+    from pad_ray.distill import DivergenceError  # after the config: its errors need no torch
+
     try:
-        cfg = with_absolute_paths(load_config(args.config, parse_overrides(args.overrides)))
-        result = run_stage(args.stage, cfg, args.out, args.synthetic)
-    except (ConfigError, DataError, files.IntegrityError) as exc:
-        print(f"pad-ray: error: {input_error(exc, args.config)}", file=sys.stderr)
-        return 2
+        result = run_stage(args.command, cfg, args.out, args.synthetic)
     except DivergenceError as exc:
         print(f"pad-ray: diverged: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pad_ray.sweep_config import load_sweep
+
+    sweep = load_sweep(args.file, parse_overrides(args.overrides))  # a bad file stops before Ray starts
+    from pad_ray.sweep import exit_code, run_sweep
+
+    return exit_code(run_sweep(sweep))
+
+
+def is_sweep(raw: Any) -> bool:
+    """A sweep file has a base or a space; no run config has either."""
+    return isinstance(raw, dict) and ("base" in raw or "space" in raw)
+
+
+def validate(path: Path, overrides: list[str]) -> tuple[list[str], str]:
+    """Every problem of a run config or sweep file, one line each, and what the file is."""
+    source = str(path)
+    try:
+        raw = read_with_overrides(path, parse_overrides(overrides))
+    except ConfigError as exc:  # unreadable: nothing more can be checked
+        return [input_error(exc, path)], ""
+    if not is_sweep(raw):
+        cfg, problems = check_config(raw, source)
+        return problems, cfg and f"run config{f' (preset {cfg.preset})' if cfg.preset else ''}"
+
+    from pad_ray.sweep_config import check_sweep, finite_grid
+
+    sweep, problems = check_sweep(raw, source)
+    if sweep is None:
+        return problems, ""
+    trials = {json.dumps(p, sort_keys=True) for p in finite_grid(sweep, 0) + finite_grid(sweep, 1)}
+    return problems, f"sweep {sweep.name!r} and its {len(trials)} trial config(s)"
+
+
+def _validate(args: argparse.Namespace) -> int:
+    problems, what = validate(args.file, args.overrides)
+    for line in problems:
+        print(line)
+    if problems:
+        return 2
+    # Datasets and stores are read by the commands that use them, so they are not checked here.
+    print(f"{args.file}: OK: {what}")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    width = max(map(len, PRESETS))
+    for name in PRESETS:
+        print(f"{name:<{width}}  {preset_header(name)}")
+    print(f"\nUse one with `preset: NAME` in a run config (pad-ray run CONFIG), or --set preset=NAME.\n"
+          f"The files: {PRESET_DIR}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pad-ray", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No per-command help here: the table in the description already lists them.
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Each command's argument name and summary come from that table, so the two cannot drift apart.
+    table = {m[1]: (m[2], m[3]) for m in re.finditer(r"^    pad-ray (\w+) +([A-Z]*) +(.+)$", __doc__, re.M)}
+
+    def command(name: str, handler, file_help: str | None, example: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, description=table[name][1])
+        if file_help:
+            sub.add_argument("file", type=Path, metavar=table[name][0], help=file_help)
+            sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help=f"override one key, e.g. --set {example}")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    for stage in STAGES:
+        sub = command(stage, _stage, "YAML run config (see: pad-ray presets)", "distill.iterations=20")
+        sub.add_argument("--out", type=Path, help="run folder (default: output_dir/<preset>-<hash>)")
+        sub.add_argument("--synthetic", type=Path, help="distilled set to evaluate (default: the run's best)")
+    command("sweep", _sweep, "sweep YAML (see sweeps/)", "base.distill.iterations=20")
+    command("validate", _validate, "YAML run config or sweep file", "distill.alpha=0.3")
+    command("presets", _presets, None).set_defaults(file=Path("pad-ray presets"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except input_error_types() as exc:
+        print(f"pad-ray: error: {input_error(exc, args.file)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

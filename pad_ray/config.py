@@ -12,7 +12,7 @@ import difflib
 import functools
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 class ConfigError(ValueError):
-    """A bad config or input: printed as one line by the CLI, exit code 2."""
+    """A bad config or input: printed as one line by the CLI, exit code 2. The message is the first
+    problem found; `errors` lists every one (one line each) for `pad-ray validate`."""
+
+    def __init__(self, message: str, errors: Sequence[str] = ()):
+        super().__init__(message)
+        self.errors = list(errors) or [message]
 
 
 class Section(BaseModel):
@@ -266,15 +271,20 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def _suggestion(model: type[BaseModel], loc: list[str]) -> str | None:
+    """The allowed key closest to a misspelt one, if any is close."""
+    hint = difflib.get_close_matches(loc[-1], _fields_at(model, loc[:-1]), n=1, cutoff=0.5)
+    return hint[0] if hint else None
+
+
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
-    """One line for the first pydantic error: the dotted key, what is wrong, a suggestion if misspelt."""
+    """One line for one pydantic error: the dotted key, what is wrong, a suggestion if misspelt."""
     loc = [str(p) for p in error["loc"]]
     key = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        allowed = _fields_at(model, loc[:-1])
-        hint = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
-        suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(sorted(allowed))}"
-        return f"{key}: unknown key{suggestion}"
+        hint = _suggestion(model, loc)
+        allowed = ", ".join(sorted(_fields_at(model, loc[:-1])))
+        return f"{key}: unknown key; " + (f"did you mean '{hint}'?" if hint else f"allowed: {allowed}")
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     msg = error["msg"].removeprefix("Value error, ")
@@ -287,31 +297,65 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
 
 def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
     for part in path:
-        if part.isdigit():
-            continue
+        if part.isdigit() or part not in model.model_fields:
+            continue  # a list index or a key of a plain dict: the model stays the same
         annotation = model.model_fields[part].annotation
         inner = getattr(annotation, "__args__", (annotation,))
         model = next(a for a in inner if isinstance(a, type) and issubclass(a, BaseModel))
     return list(model.model_fields)
 
 
-def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    """Apply the preset named in `raw` (if any) under `raw`, then validate."""
+def describe_errors(exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    """Every pydantic error as one line, unknown keys first (the likeliest cause of the rest)."""
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    # A misspelt required key also shows up as its correct twin "missing": report the misspelling only.
+    twins = set()
+    for error in errors:
+        if error["type"] == "extra_forbidden":
+            loc = [str(p) for p in error["loc"]]
+            hint = _suggestion(model, loc)
+            if hint:
+                twins.add((*loc[:-1], hint))
+    lines: list[str] = []
+    for error in errors:
+        if error["type"] == "missing" and tuple(str(p) for p in error["loc"]) in twins:
+            continue
+        line = _describe(error, model)
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _unknown_preset(preset: Any) -> str:
+    hint = difflib.get_close_matches(str(preset), list(PRESETS), n=1)
+    extra = f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(PRESETS)}"
+    return f"preset: unknown preset {preset!r}{extra}"
+
+
+def check_config(raw: Any, source: str = "config") -> tuple[RunConfig | None, list[str]]:
+    """Apply the preset named in `raw` (if any) under `raw` and validate: the config, or every problem
+    found as one line `source: key: message`."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+        return None, [f"{source}: expected a mapping of sections at the top level"]
     preset = raw.get("preset")
     if preset is not None:
         if preset not in PRESETS:
-            hint = difflib.get_close_matches(str(preset), PRESETS, n=1)
-            extra = f"; did you mean '{hint[0]}'?" if hint else f"; allowed: {', '.join(PRESETS)}"
-            raise ConfigError(f"{source}: preset: unknown preset {preset!r}{extra}")
+            # Without its preset the rest would only report the sections the preset would have given.
+            return None, [f"{source}: {_unknown_preset(preset)}"]
         raw = deep_merge(PRESETS[preset], raw)
     try:
-        return RunConfig.model_validate(raw)
+        return RunConfig.model_validate(raw), []
     except ValidationError as exc:
-        # A misspelt key also shows up as its correct twin "missing": report the misspelling.
-        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise ConfigError(f"{source}: {_describe(errors[0], RunConfig)}") from None
+        return None, [f"{source}: {line}" for line in describe_errors(exc, RunConfig)]
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Apply the preset named in `raw` (if any) under `raw`, then validate; raise the first problem
+    (`ConfigError.errors` holds them all)."""
+    cfg, problems = check_config(raw, source)
+    if cfg is None:
+        raise ConfigError(problems[0], problems)
+    return cfg
 
 
 _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -346,171 +390,30 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return {} if data is None else expand_env(data)
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set distill.iterations=20` -> {"distill": {"iterations": 20}} (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. distill.iterations=20")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return tree
+
+
+def read_with_overrides(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
+    """A YAML file with `--set` overrides merged in (a file that is no mapping is left for the schema
+    to reject, naming the file)."""
+    raw = read_yaml(path)
+    return deep_merge(raw, overrides) if overrides and isinstance(raw, dict) else raw
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    raw = read_yaml(path)
-    if overrides:
-        raw = deep_merge(raw, overrides) if isinstance(raw, dict) else raw
-    return build_config(raw, str(path))
-
-
-# --------------------------------------------------------------------------------------------
-# Sweeps: a base run config, a search space, and how Tune and MLflow run it
-# --------------------------------------------------------------------------------------------
-
-# The four PAD knobs by their short names; any other dotted config key may be swept too.
-SPACE_ALIASES = {"ipc": "distill.ipc", "alpha": "distill.alpha", "ir": "schedule.init_ratio",
-                 "aee": "schedule.add_end_epoch"}
-FINITE_KINDS = ("grid", "choice")
-SAMPLED_KINDS = ("uniform", "loguniform", "quniform", "randint")
-
-
-class Axis(Section):
-    """One swept key: `grid`/`choice` (finite) or a distribution; a YAML list means `grid`."""
-
-    kind: Literal["grid", "choice", "uniform", "loguniform", "quniform", "randint"]
-    values: tuple[Any, ...]
-
-    @property
-    def finite(self) -> bool:
-        return self.kind in FINITE_KINDS
-
-    @model_validator(mode="after")
-    def _shape(self) -> Axis:
-        if self.finite and not self.values:
-            raise ValueError(f"{self.kind} needs at least one value")
-        arity = {"uniform": 2, "loguniform": 2, "randint": 2, "quniform": 3}.get(self.kind)
-        if arity and len(self.values) != arity:
-            raise ValueError(f"{self.kind} takes [{'low, high, q' if arity == 3 else 'low, high'}]")
-        return self
-
-
-class AshaConfig(Section):
-    metric: str = "val_accuracy"
-    mode: Literal["max", "min"] = "max"
-    grace_period: int = Field(1, ge=1)  # evaluations a trial runs before it can be stopped
-    max_t: int | None = Field(None, ge=1)  # evaluations at most; default: all of a trial's evaluations
-    reduction_factor: float = Field(2.0, gt=1)
-
-
-class TrialResources(Section):
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
-
-
-class MlflowConfig(Section):
-    tracking_uri: str = "sqlite:///runs/mlflow.db"
-    experiment: str | None = None  # default: the sweep's name
-
-
-class SweepConfig(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    base: dict[str, Any]
-    space: dict[str, Axis]
-    asha: AshaConfig = AshaConfig()
-    trial_resources: TrialResources = TrialResources()
-    max_concurrent_trials: int = Field(0, ge=0)  # 0: as many as the cluster fits
-    num_samples: int = Field(1, ge=1)
-    max_failures: int = Field(1, ge=0)  # retries of a crashed trial, from its last checkpoint
-    storage_path: str = "runs/sweeps"
-    mlflow: MlflowConfig = MlflowConfig()
-
-    def path_of(self, key: str) -> str:
-        return SPACE_ALIASES.get(key, key)
-
-
-def _parse_axis(key: str, spec: Any) -> dict[str, Any]:
-    if isinstance(spec, list):
-        return {"kind": "grid", "values": spec}
-    if isinstance(spec, dict) and len(spec) == 1:
-        (kind, values), = spec.items()
-        return {"kind": kind, "values": values if isinstance(values, list) else [values]}
-    raise ConfigError(f"space.{key}: expected a list of values or one of "
-                      f"{{{', '.join(FINITE_KINDS + SAMPLED_KINDS)}: [...]}}")
-
-
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-
-
-def trial_raw(sweep: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
-    """The raw run config of one trial: the base, with IPC choosing its paper preset where the base
-    uses one (`cifar10-ipc10` -> `cifar10-ipc50`), then the sampled values."""
-    raw = copy.deepcopy(sweep.base)
-    preset = raw.get("preset") or ""
-    if "ipc" in params and preset in PRESETS and "-ipc" in preset:
-        candidate = f"{preset.rsplit('-ipc', 1)[0]}-ipc{params['ipc']}"
-        if candidate in PRESETS:
-            raw["preset"] = candidate
-    for key, value in params.items():
-        _set_dotted(raw, sweep.path_of(key), value)
-    return raw
-
-
-def trial_config(sweep: SweepConfig, params: dict[str, Any], source: str = "sweep") -> RunConfig:
-    return build_config(trial_raw(sweep, params), source)
-
-
-def finite_grid(sweep: SweepConfig, bound: int = 0) -> list[dict[str, Any]]:
-    """Every combination of the finite axes, distributions set to their lower (bound=0) or upper bound."""
-    combos: list[dict[str, Any]] = [{}]
-    for key, axis in sweep.space.items():
-        values = axis.values if axis.finite else axis.values[bound:bound + 1]
-        combos = [{**c, key: v} for c in combos for v in values]
-    return combos
-
-
-def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
-    """Read and validate a sweep file, including every trial config its finite grid produces."""
-    source = str(path)
-    raw = read_yaml(path)
-    if overrides:
-        raw = deep_merge(raw, overrides)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    space = raw.get("space")
-    if isinstance(space, dict):
-        raw = {**raw, "space": {k: _parse_axis_in(source, k, v) for k, v in space.items()}}
-    try:
-        sweep = SweepConfig.model_validate(raw)
-    except ValidationError as exc:
-        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise ConfigError(f"{source}: {_describe(errors[0], SweepConfig)}") from None
-    _check_space(sweep, source)
-    for params in finite_grid(sweep, 0) + finite_grid(sweep, 1):
-        try:
-            cfg = trial_config(sweep, params)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: trial {params}: {str(exc).removeprefix('sweep: ')}") from None
-        evaluations = sweep.asha.max_t or cfg.distill.evaluations
-        if sweep.asha.grace_period > evaluations:
-            raise ConfigError(f"{source}: asha.grace_period: {sweep.asha.grace_period} is more than the "
-                              f"{evaluations} evaluations of trial {params} (asha.max_t or distill.iterations / "
-                              "distill.eval_every)")
-    return sweep
-
-
-def _parse_axis_in(source: str, key: str, spec: Any) -> dict[str, Any]:
-    try:
-        return _parse_axis(key, spec)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-
-
-def _check_space(sweep: SweepConfig, source: str) -> None:
-    if not sweep.space:
-        raise ConfigError(f"{source}: space: give at least one key to sweep (ipc, alpha, ir, aee, ...)")
-    for key, axis in sweep.space.items():
-        path = sweep.path_of(key)
-        section = path.split(".")[0]
-        if section == "data":
-            raise ConfigError(f"{source}: space.{key}: a sweep runs on one dataset; set data keys in base")
-        if not axis.finite and section not in ("distill", "evaluate"):
-            raise ConfigError(f"{source}: space.{key}: {axis.kind} is a distribution, but {path} selects an "
-                              "expert set, so it must be a finite list of values (grid or choice)")
+    return build_config(read_with_overrides(path, overrides), str(path))
 
 
 def absolute(location: str) -> str:

@@ -16,7 +16,8 @@ import yaml  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pad_ray import files  # noqa: E402
-from pad_ray.config import SweepConfig, to_dict, trial_config  # noqa: E402
+from pad_ray.config import to_dict  # noqa: E402
+from pad_ray.sweep_config import SweepConfig, trial_config  # noqa: E402
 
 SCORE = "best_val_accuracy"  # selection is on validation, never on test
 

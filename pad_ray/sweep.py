@@ -24,11 +24,11 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from pad_ray import distributed, files, report, stages, tracking
-from pad_ray.cli import input_error, parse_overrides
-from pad_ray.config import (ConfigError, RunConfig, SweepConfig, absolute, finite_grid, load_sweep, to_dict,
-                            trial_config, with_absolute_paths)
-from pad_ray.data import DataError, Dataset
+from pad_ray.config import RunConfig, absolute, parse_overrides, to_dict, with_absolute_paths
+from pad_ray.data import Dataset
 from pad_ray.distill import Distiller, distill
+from pad_ray.errors import input_error, input_error_types
+from pad_ray.sweep_config import SweepConfig, finite_grid, load_sweep, trial_config
 from pad_ray.trajectories import TrajectoryStore
 
 PARENT_RUN_ENV = "PAD_RAY_MLFLOW_PARENT_RUN"
@@ -179,6 +179,11 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
     return results
 
 
+def exit_code(results: tune.ResultGrid) -> int:
+    """0 when at least one trial finished; 1 when every trial failed."""
+    return 0 if any(r.error is None for r in results) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pad_ray.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,11 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep = load_sweep(args.sweep, parse_overrides(args.overrides))
         results = run_sweep(sweep)
-    except (ConfigError, DataError, files.IntegrityError) as exc:
+    except input_error_types() as exc:
         print(f"pad_ray.sweep: error: {input_error(exc, args.sweep)}", file=sys.stderr)
         return 2
-    finished = [r for r in results if r.error is None]
-    return 0 if finished else 1
+    return exit_code(results)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
-from pad_ray.config import ConfigError, RunConfig, SweepConfig, to_dict, trial_config
+from pad_ray.config import ConfigError, RunConfig, to_dict
+from pad_ray.sweep_config import SweepConfig, trial_config
 from pad_ray.trajectories import ExpertQuality
 
 # Reported values that are bookkeeping, not metrics.

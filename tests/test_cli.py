@@ -3,18 +3,21 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from pad_ray import stages
-from pad_ray.config import load_config
+from pad_ray import cli, stages
+from pad_ray.config import PRESETS, load_config, preset_header
 from pad_ray.distill import Distiller
 from pad_ray.evaluate import random_real_subset
 from pad_ray.runtime import derive_seed, generator
 from pad_ray.trajectories import TrajectoryStore
 
 CPU = torch.device("cpu")
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pad_ray(*args, cwd):
@@ -54,6 +57,62 @@ def test_bad_override_is_rejected(tmp_path):
     config = _write(tmp_path, "preset: smoke\n")
     result = pad_ray("scores", str(config), "--set", "distill.ipc", cwd=tmp_path)
     assert result.returncode == 2 and "expected KEY=VALUE" in result.stderr
+
+
+def test_presets_lists_every_preset_with_its_header(capsys):
+    assert cli.main(["presets"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for name in PRESETS:
+        line = next(line for line in out if line.split()[:1] == [name])
+        assert preset_header(name) in line and preset_header(name)
+    assert any("preset: NAME" in line for line in out)
+
+
+def test_validate_reports_every_error_of_a_run_config(tmp_path, capsys):
+    config = _write(tmp_path, "preset: smoke\ndistill: {alpah: 0.2, ipc: 0}\nexperts: {optimizer: adam}\n"
+                              "schedule: {init_ratio: 1.5}\n")
+    assert cli.main(["validate", str(config)]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    expected = ["distill.alpah: unknown key; did you mean 'alpha'?", "distill.ipc: Input should be greater",
+                "experts.optimizer: Input should be 'sgd' or 'gsam'", "schedule.init_ratio: Input should be less"]
+    assert len(lines) == len(expected)
+    for want in expected:
+        assert sum(line.startswith(f"{config}: {want}") for line in lines) == 1, (want, lines)
+
+
+def test_validate_reports_every_error_of_a_sweep(tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: s\nbase: {preset: smoke, distill: {iterations: 4, eval_every: 2}}\n"
+                     "space: {alpha: [0.1, 1.5], ir: {uniform: [0.5, 0.9]}, aee: 3}\nasha: {grace_period: 1}\n")
+    assert cli.main(["validate", str(sweep)]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"{sweep}: ") for line in lines)
+    assert lines[0].startswith(f"{sweep}: space.aee: expected a list")
+    assert lines[1].startswith(f"{sweep}: space.ir: uniform is a distribution")
+    assert lines[2].startswith(f"{sweep}: trial {{'alpha': 1.5, 'ir': 0.5}}: distill.alpha: Input should be less than 1")
+
+
+def test_validate_says_ok_in_one_line(capsys):
+    for path in (REPO / "configs" / "smoke.yaml", REPO / "sweeps" / "smoke.yaml"):
+        assert cli.main(["validate", str(path)]) == 0
+        out = capsys.readouterr().out.strip()
+        assert out.startswith(f"{path}: OK") and "\n" not in out
+
+
+def test_a_run_with_several_errors_shows_the_first_and_points_to_validate(tmp_path):
+    config = _write(tmp_path, "preset: smoke\ndistill: {alpah: 0.2, ipc: 0}\n")
+    result = pad_ray("run", str(config), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"pad-ray: error: {config}: distill.alpah: unknown key; did you mean 'alpha'? "
+                                     f"(and 1 more: pad-ray validate {config} lists them all)")
+
+
+def test_commands_that_only_read_configs_import_no_torch_or_ray(tmp_path):
+    probe = ("import sys; from pad_ray import cli; cli.main(sys.argv[1:]); "
+             "print(sorted({'torch', 'ray', 'mlflow'} & set(sys.modules)))")
+    for args in (["presets"], ["validate", str(REPO / "sweeps" / "smoke.yaml")]):
+        result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
 
 
 # A small end-to-end run (about as long as the CPU preset of the first release): IPC 1, where a few

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pad_ray.config import ConfigError, build_config, load_sweep
+from pad_ray.config import ConfigError, build_config
+from pad_ray.sweep_config import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "sweeps" / "smoke.yaml"

@@ -1,0 +1,202 @@
+"""The sweep file: a base run config, a search space, and how Ray Tune and MLflow run it.
+
+Loading a sweep expands its finite grid into trial configs and validates every one of them, so that a
+bad key stops the sweep before any work. Kept apart from the run schema in `config`, which knows
+nothing of sweeps, and from the driver in `sweep`, which needs Ray: checking a sweep file imports
+neither Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from pad_ray.config import (PRESETS, ConfigError, RunConfig, Section, build_config, check_config, describe_errors,
+                            read_with_overrides)
+
+
+# The four PAD knobs by their short names; any other dotted config key may be swept too.
+SPACE_ALIASES = {"ipc": "distill.ipc", "alpha": "distill.alpha", "ir": "schedule.init_ratio",
+                 "aee": "schedule.add_end_epoch"}
+FINITE_KINDS = ("grid", "choice")
+SAMPLED_KINDS = ("uniform", "loguniform", "quniform", "randint")
+
+
+class Axis(Section):
+    """One swept key: `grid`/`choice` (finite) or a distribution; a YAML list means `grid`."""
+
+    kind: Literal["grid", "choice", "uniform", "loguniform", "quniform", "randint"]
+    values: tuple[Any, ...]
+
+    @property
+    def finite(self) -> bool:
+        return self.kind in FINITE_KINDS
+
+    @model_validator(mode="after")
+    def _shape(self) -> Axis:
+        if self.finite and not self.values:
+            raise ValueError(f"{self.kind} needs at least one value")
+        arity = {"uniform": 2, "loguniform": 2, "randint": 2, "quniform": 3}.get(self.kind)
+        if arity and len(self.values) != arity:
+            raise ValueError(f"{self.kind} takes [{'low, high, q' if arity == 3 else 'low, high'}]")
+        return self
+
+
+class AshaConfig(Section):
+    metric: str = "val_accuracy"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(1, ge=1)  # evaluations a trial runs before it can be stopped
+    max_t: int | None = Field(None, ge=1)  # evaluations at most; default: all of a trial's evaluations
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TrialResources(Section):
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    experiment: str | None = None  # default: the sweep's name
+
+
+class SweepConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: dict[str, Any]
+    space: dict[str, Axis]
+    asha: AshaConfig = AshaConfig()
+    trial_resources: TrialResources = TrialResources()
+    max_concurrent_trials: int = Field(0, ge=0)  # 0: as many as the cluster fits
+    num_samples: int = Field(1, ge=1)
+    max_failures: int = Field(1, ge=0)  # retries of a crashed trial, from its last checkpoint
+    storage_path: str = "runs/sweeps"
+    mlflow: MlflowConfig = MlflowConfig()
+
+    def path_of(self, key: str) -> str:
+        return SPACE_ALIASES.get(key, key)
+
+
+def _parse_axis(spec: Any) -> dict[str, Any] | None:
+    """An axis in the schema's form, or None when `spec` is neither a list nor `{kind: values}`."""
+    if isinstance(spec, list):
+        return {"kind": "grid", "values": spec}
+    if isinstance(spec, dict) and len(spec) == 1:
+        (kind, values), = spec.items()
+        return {"kind": kind, "values": values if isinstance(values, list) else [values]}
+    return None
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def trial_raw(sweep: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """The raw run config of one trial: the base, with IPC choosing its paper preset where the base
+    uses one (`cifar10-ipc10` -> `cifar10-ipc50`), then the sampled values."""
+    raw = copy.deepcopy(sweep.base)
+    preset = raw.get("preset") or ""
+    if "ipc" in params and preset in PRESETS and "-ipc" in preset:
+        candidate = f"{preset.rsplit('-ipc', 1)[0]}-ipc{params['ipc']}"
+        if candidate in PRESETS:
+            raw["preset"] = candidate
+    for key, value in params.items():
+        _set_dotted(raw, sweep.path_of(key), value)
+    return raw
+
+
+def trial_config(sweep: SweepConfig, params: dict[str, Any], source: str = "sweep") -> RunConfig:
+    return build_config(trial_raw(sweep, params), source)
+
+
+def finite_grid(sweep: SweepConfig, bound: int = 0) -> list[dict[str, Any]]:
+    """Every combination of the finite axes, distributions set to their lower (bound=0) or upper bound."""
+    combos: list[dict[str, Any]] = [{}]
+    for key, axis in sweep.space.items():
+        values = axis.values if axis.finite else axis.values[bound:bound + 1]
+        combos = [{**c, key: v} for c in combos for v in values]
+    return combos
+
+
+def check_sweep(raw: Any, source: str = "sweep") -> tuple[SweepConfig | None, list[str]]:
+    """Validate a raw sweep and every trial config of its finite grid: the sweep, or every problem
+    found, one line each (`source: key: message`), in the order the sweep would meet them."""
+    if not isinstance(raw, dict):
+        return None, [f"{source}: expected a mapping at the top level"]
+    problems: list[str] = []
+    space = raw.get("space")
+    if isinstance(space, dict):
+        parsed = {}
+        for key, spec in space.items():
+            axis = _parse_axis(spec)
+            if axis is None:
+                problems.append(f"{source}: space.{key}: expected a list of values or one of "
+                                f"{{{', '.join(FINITE_KINDS + SAMPLED_KINDS)}: [...]}}")
+            else:
+                parsed[key] = axis
+        # The rest is still checked without the unreadable axes.
+        raw = {**raw, "space": parsed}
+    try:
+        sweep = SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems += [f"{source}: {line}" for line in describe_errors(exc, SweepConfig)]
+        # No trials can be expanded without a valid sweep, but the base can still be checked alone.
+        if isinstance(raw.get("base"), dict):
+            problems += check_config(raw["base"], f"{source}: base")[1]
+        return None, problems
+    problems += [f"{source}: {line}" for line in _space_problems(sweep, axes_dropped=bool(problems))]
+    problems += _trial_problems(sweep, source)
+    return (None, problems) if problems else (sweep, [])
+
+
+def _space_problems(sweep: SweepConfig, axes_dropped: bool) -> list[str]:
+    if not sweep.space:
+        return [] if axes_dropped else ["space: give at least one key to sweep (ipc, alpha, ir, aee, ...)"]
+    problems = []
+    for key, axis in sweep.space.items():
+        path = sweep.path_of(key)
+        section = path.split(".")[0]
+        if section == "data":
+            problems.append(f"space.{key}: a sweep runs on one dataset; set data keys in base")
+        elif not axis.finite and section not in ("distill", "evaluate"):
+            problems.append(f"space.{key}: {axis.kind} is a distribution, but {path} selects an expert set, "
+                            "so it must be a finite list of values (grid or choice)")
+    return problems
+
+
+def _trial_problems(sweep: SweepConfig, source: str) -> list[str]:
+    """Each distinct problem of the trial configs once, naming the first trial that has it: a bad
+    base would otherwise repeat in every trial."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    too_short: set[int] = set()
+    for params in finite_grid(sweep, 0) + finite_grid(sweep, 1):
+        cfg, lines = check_config(trial_raw(sweep, params), "sweep")
+        for line in (line.removeprefix("sweep: ") for line in lines):
+            if line not in seen:
+                seen.add(line)
+                problems.append(f"{source}: trial {params}: {line}")
+        if cfg is None:
+            continue
+        evaluations = sweep.asha.max_t or cfg.distill.evaluations
+        if sweep.asha.grace_period > evaluations and evaluations not in too_short:
+            too_short.add(evaluations)
+            problems.append(f"{source}: asha.grace_period: {sweep.asha.grace_period} is more than the "
+                            f"{evaluations} evaluations of trial {params} (asha.max_t or distill.iterations / "
+                            "distill.eval_every)")
+    return problems
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and validate a sweep file, including every trial config its finite grid produces; raise
+    the first problem (`ConfigError.errors` holds them all)."""
+    sweep, problems = check_sweep(read_with_overrides(path, overrides), str(path))
+    if sweep is None:
+        raise ConfigError(problems[0], problems)
+    return sweep
