@@ -57,8 +57,8 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
                 "accuracy": quality.summary(), "per_expert": quality.experts}
     distiller = stages.run_distillation(cfg, data, trajectories, device, out)
     result: dict[str, Any] = {"run_dir": str(out), "iterations": distiller.iteration,
-                              "skipped": distiller.skipped, "best_val_accuracy": distiller.best["val"],
-                              "best_iteration": distiller.best["iteration"]}
+                              "skipped": distiller.skipped, "best_val_accuracy": distiller.best.val,
+                              "best_iteration": distiller.best.iteration}
     if stage == "run":
         result["evaluation"] = stages.final_evaluation(cfg, data, distiller.best_synthetic(), device)
         files.write_json(out / "results.json", result)

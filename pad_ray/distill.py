@@ -119,6 +119,27 @@ class StepStats:
     start_epoch: int
 
 
+@dataclass(frozen=True)
+class Best:
+    """The synthetic set with the best validation accuracy so far (None before the first evaluation)."""
+
+    val: float = -1.0
+    iteration: int = -1
+    synthetic: SyntheticSet | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # Plain tensors and numbers: checkpoints are read with torch.load(weights_only=True).
+        state: dict[str, Any] = {"val": self.val, "iteration": self.iteration}
+        if self.synthetic is not None:
+            state.update(images=self.synthetic.images, labels=self.synthetic.labels, lr=self.synthetic.lr)
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Best:
+        synthetic = SyntheticSet(state["images"], state["labels"], state["lr"]) if "images" in state else None
+        return cls(state["val"], state["iteration"], synthetic)
+
+
 class Distiller:
     """The distillation state and one outer iteration (`step`)."""
 
@@ -151,7 +172,7 @@ class Distiller:
         self.elapsed = 0.0  # seconds spent in outer iterations, across resumptions
         self.expert_order = torch.empty(0, dtype=torch.long)
         self.expert_cursor = 0
-        self.best: dict[str, Any] = {"val": -1.0, "iteration": -1}
+        self.best = Best()
 
     # -- one outer iteration ------------------------------------------------------------------
 
@@ -215,17 +236,13 @@ class Distiller:
 
     def record_best(self, val_accuracy: float) -> bool:
         """Keep the synthetic set with the best validation accuracy (never selected on test)."""
-        if val_accuracy <= self.best["val"]:
+        if val_accuracy <= self.best.val:
             return False
-        syn = self.synthetic()
-        self.best = {"val": val_accuracy, "iteration": self.iteration, "images": syn.images,
-                     "labels": syn.labels, "lr": syn.lr}
+        self.best = Best(val_accuracy, self.iteration, self.synthetic())
         return True
 
     def best_synthetic(self) -> SyntheticSet:
-        if "images" not in self.best:
-            return self.synthetic()
-        return SyntheticSet(self.best["images"], self.best["labels"], self.best["lr"])
+        return self.best.synthetic if self.best.synthetic is not None else self.synthetic()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -235,7 +252,8 @@ class Distiller:
             "opt_lr": self.opt_lr.state_dict(), "generator": self.gen.get_state(),
             "iteration": self.iteration, "skipped": self.skipped, "elapsed": self.elapsed,
             "expert_order": self.expert_order,
-            "expert_cursor": self.expert_cursor, "num_experts": len(self.trajectories), "best": self.best,
+            "expert_cursor": self.expert_cursor, "num_experts": len(self.trajectories),
+            "best": self.best.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -252,7 +270,7 @@ class Distiller:
         self.gen.set_state(state["generator"])
         self.iteration, self.skipped, self.elapsed = state["iteration"], state["skipped"], state["elapsed"]
         self.expert_order, self.expert_cursor = state["expert_order"], state["expert_cursor"]
-        self.best = state["best"]
+        self.best = Best.from_state_dict(state["best"])
 
     def save(self, path: Path) -> None:
         files.save_torch(path, self.state_dict())
@@ -288,7 +306,7 @@ def distill(cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], d
             distiller.record_best(val)
             metrics = {"iteration": stats.iteration, "loss": stats.loss, "skipped": distiller.skipped,
                        "syn_lr": stats.syn_lr, "val_accuracy": val, "test_accuracy": test,
-                       "best_val_accuracy": distiller.best["val"], "distill_time_s": distiller.elapsed,
+                       "best_val_accuracy": distiller.best.val, "distill_time_s": distiller.elapsed,
                        "peak_memory_mb": peak_memory_mb(device), "steps": [asdict(s) for s in steps]}
             steps = []
             if on_eval is not None:

@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_config
 from pad_ray import files
 from pad_ray.config import ConfigError
-from pad_ray.distill import Distiller, DivergenceError, distill
+from pad_ray.distill import Best, Distiller, DivergenceError, distill
 
 CPU = torch.device("cpu")
 
@@ -130,7 +130,23 @@ def test_distill_resumes_from_its_checkpoint_file(tiny, tmp_path):
             on_eval=lambda d, m: d.save(checkpoint))
     resumed = distill(cfg, data, trajectories, CPU, state=files.load_torch(checkpoint), progress=False)
     _same_state(straight, resumed)
-    assert resumed.best["iteration"] in (2, 4)
+    assert resumed.best.iteration in (2, 4)
+
+
+def test_the_best_set_survives_a_checkpoint(tiny, tmp_path):
+    cfg, data, _, trajectories = tiny
+    first = Distiller(cfg, data, trajectories, CPU)
+    assert first.best == Best() and first.best_synthetic().images.shape == first.images.shape
+    _run(first, 2)
+    first.record_best(0.5)
+    _run(first, 1)
+    assert not first.record_best(0.4)
+    first.save(tmp_path / "ckpt.pt")
+    resumed = Distiller(cfg, data, trajectories, CPU)
+    resumed.restore(tmp_path / "ckpt.pt")
+    assert (resumed.best.val, resumed.best.iteration) == (0.5, 2)
+    torch.testing.assert_close(resumed.best_synthetic().images, first.best.synthetic.images, rtol=0, atol=0)
+    assert not torch.equal(resumed.best_synthetic().images, resumed.images.detach())
 
 
 def test_constant_memory_path_matches_unrolled(tiny):
