@@ -141,7 +141,7 @@ class DistillConfig(Section):
 
     @property
     def expansion_end_iteration(self) -> int:
-        """DATM's expansion_end_epoch, in outer iterations (Part A §2)."""
+        """DATM's expansion_end_epoch, in outer iterations (docs/decisions.md, Presets)."""
         return self.interval * (self.max_start_epoch - self.current_max_start_epoch)
 
 

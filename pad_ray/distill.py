@@ -99,7 +99,7 @@ def initial_labels(net: FlatParams, finals: list[torch.Tensor], images: torch.Te
 
 
 def _warn_if_cut_reaches_classifier(net: FlatParams, alpha: float, selection: str) -> None:
-    """Classifier rows are class-specific: a depth cut there ignores whole classes (Part A §1)."""
+    """Classifier rows are class-specific: a depth cut there ignores whole classes (docs/decisions.md)."""
     if selection != "depth":
         return
     cut = depth_cut(net.size, alpha)

@@ -167,7 +167,8 @@ def test_gsam_without_perturbation_or_decomposition_is_a_plain_sgd_step(adaptive
 
 
 def _reference_gsam(net, x, y, lr, rho, alpha, adaptive):
-    """The GSAM update of Part B §1.3 written out on the flat parameter vector."""
+    """FTD's GSAM update (perturb, decompose the gradient, undo, SGD step) written out on the flat
+    parameter vector."""
     flat = FlatParams(net)
     w = flat.flatten()
 

@@ -16,7 +16,7 @@ def _cut_position(spans, cut):
 
 @pytest.mark.parametrize(
     ("alpha", "tensor", "fraction"),
-    # Part B §2.6: where the depth cut falls on the CIFAR-10 ConvNet (P = 320,010).
+    # Where the depth cut falls on the CIFAR-10 ConvNet (P = 320,010), from its layer shapes.
     [(0.25, "features.4.weight", 0.517), (0.5, "features.8.weight", 0.056), (0.75, "features.8.weight", 0.599)],
 )
 def test_depth_cut_on_the_cifar10_convnet(alpha, tensor, fraction):
