@@ -22,6 +22,7 @@ from typing import Any
 from pad_ray.config import (PRESET_DIR, PRESETS, ConfigError, RunConfig, check_config, load_config, parse_overrides,
                             preset_header, read_with_overrides, with_absolute_paths)
 from pad_ray.errors import input_error, input_error_types
+from pad_ray.sweep_config import check_sweep, finite_grid, load_sweep
 
 # torch, Ray and MLflow are imported inside the commands that use them, so that `--help`, `presets`,
 # `validate` and every config error answer at once.
@@ -95,8 +96,6 @@ def _stage(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from pad_ray.sweep_config import load_sweep
-
     sweep = load_sweep(args.file, parse_overrides(args.overrides))  # a bad file stops before Ray starts
     from pad_ray.sweep import exit_code, run_sweep
 
@@ -117,10 +116,7 @@ def validate(path: Path, overrides: list[str]) -> tuple[list[str], str]:
         return [input_error(exc, path)], ""
     if not is_sweep(raw):
         cfg, problems = check_config(raw, source)
-        return problems, cfg and f"run config{f' (preset {cfg.preset})' if cfg.preset else ''}"
-
-    from pad_ray.sweep_config import check_sweep, finite_grid
-
+        return problems, "" if cfg is None else f"run config{f' (preset {cfg.preset})' if cfg.preset else ''}"
     sweep, problems = check_sweep(raw, source)
     if sweep is None:
         return problems, ""

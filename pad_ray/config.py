@@ -1,8 +1,9 @@
 """One typed, validated configuration for every stage, with presets per (dataset, IPC).
 
-A run config is YAML: an optional `preset:` name, then any sections to override. The preset is
-deep-merged under the file and the result is validated by the pydantic models below; every
-failure becomes a one-line `ConfigError` naming the file and the key.
+A run config is YAML: an optional `preset:` name, then any sections to override. The preset (a file
+in pad_ray/presets/) is deep-merged under the file and the result is validated by the pydantic models
+below. Every problem is one line naming the file and the key: `check_config` returns them all, and
+`build_config` raises the first as a `ConfigError`. The sweep schema lives in `sweep_config`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`python -m pad_ray.sweep SWEEP.yaml`: PAD distillation trials over IPC, alpha, IR and AEE on Ray Tune.
+"""`python -m pad_ray.sweep SWEEP.yaml`, also `pad-ray sweep SWEEP.yaml`: PAD distillation trials over
+IPC, alpha, IR and AEE on Ray Tune.
 
 The driver validates the whole sweep, makes the expert sets the space needs (Ray Train, reusing the
 store), puts their trajectories in the object store, and runs one Tune function trial per sampled

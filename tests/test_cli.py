@@ -107,6 +107,17 @@ def test_a_run_with_several_errors_shows_the_first_and_points_to_validate(tmp_pa
                                      f"(and 1 more: pad-ray validate {config} lists them all)")
 
 
+def test_sweep_command_rejects_a_bad_sweep_like_the_sweep_module(tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    text = (REPO / "sweeps" / "smoke.yaml").read_text()
+    sweep.write_text(text.replace("alpha: [0.0, 0.1, 0.2, 0.3]", "alpha: [7]"))
+    assert cli.main(["sweep", str(sweep), "--set", f"storage_path={tmp_path}/sweeps"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"pad-ray: error: {sweep}: trial {{'alpha': 7, 'ir': 0.5}}: "
+                   "distill.alpha: Input should be less than 1 (got 7)")
+    assert not (tmp_path / "sweeps").exists()
+
+
 def test_commands_that_only_read_configs_import_no_torch_or_ray(tmp_path):
     probe = ("import sys; from pad_ray import cli; cli.main(sys.argv[1:]); "
              "print(sorted({'torch', 'ray', 'mlflow'} & set(sys.modules)))")
