@@ -89,7 +89,7 @@ def child(p: dict) -> dict:
             distiller = distill(cfg, data, trajectories, dev, progress=False)
             synthetic = distiller.best_synthetic()
             row.update(iterations=distiller.iteration, skipped=distiller.skipped, distill_s=distiller.elapsed,
-                       best_iteration=distiller.best["iteration"])
+                       best_iteration=distiller.best.iteration)
         tests = stages.final_evaluation(cfg, data, synthetic, dev)[cfg.model.name]["test"]
         row.update(test=tests, nets=len(tests))
     mean, std = Scores.summary(row["test"])
@@ -115,7 +115,7 @@ def main() -> int:
     if args.nets < 5 or args.draws < 3:
         parser.error("the protocol needs --nets >= 5 and --draws >= 3")
 
-    from pad_ray.cli import parse_overrides
+    from pad_ray.config import parse_overrides
 
     overrides = parse_overrides(args.overrides)
     family = args.family or args.dataset
