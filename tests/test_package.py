@@ -17,20 +17,12 @@ def test_importing_the_package_loads_no_torch_ray_or_mlflow():
     assert loaded == "[]"
 
 
-def test_distill_and_evaluate_are_the_functions_whatever_was_imported_first():
-    # Importing the modules of the same names first must not turn the exports into modules.
-    code = ("import pad_ray.distill, pad_ray.evaluate; from pad_ray import stages; import pad_ray; "
-            "from pad_ray.distill import Distiller; "
-            "print(pad_ray.distill.__module__, pad_ray.evaluate.__module__, Distiller.__module__)")
-    assert _python(code) == "pad_ray.distill pad_ray.evaluate pad_ray.distill"
-
-
 def test_every_export_resolves():
     from pad_ray.config import load_config
-    from pad_ray.distill import distill
+    from pad_ray.distill import Distiller
     from pad_ray.stages import load_synthetic
 
-    assert pad_ray.load_config is load_config and pad_ray.distill is distill
+    assert pad_ray.load_config is load_config and pad_ray.Distiller is Distiller
     assert pad_ray.load_synthetic is load_synthetic
     for name in pad_ray.__all__:
         assert callable(getattr(pad_ray, name)), name

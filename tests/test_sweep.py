@@ -31,7 +31,9 @@ def children(home: Path, experiment: str = "smoke"):
     client = MlflowClient(f"sqlite:///{home}/mlflow.db")
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id]) if found else []
-    return client, [r for r in runs if "trial_id" in r.data.tags], [r for r in runs if "trial_id" not in r.data.tags]
+    trials = [r for r in runs if "trial_id" in r.data.tags]
+    parents = [r for r in runs if "trial_id" not in r.data.tags and "expert_set" not in r.data.tags]
+    return client, trials, parents
 
 
 def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(sweep_home):
