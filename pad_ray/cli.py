@@ -8,6 +8,7 @@
     pad-ray sweep    SWEEP     a Ray Tune sweep, as `python -m pad_ray.sweep SWEEP`
     pad-ray validate FILE      check a run config or a sweep file; list every error
     pad-ray presets            the presets a run config can start from (`preset: NAME`)
+    pad-ray data     NAME      download a dataset into --root in the layout pad_ray reads
 """
 
 from __future__ import annotations
@@ -144,6 +145,15 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from pad_ray.data import DATASETS, download
+
+    if args.name not in DATASETS:
+        raise ConfigError(f"data: unknown dataset {args.name!r}; allowed: {', '.join(DATASETS)}")
+    print(f"{args.name}: {download(args.name, args.root)}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pad-ray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +178,10 @@ def _parser() -> argparse.ArgumentParser:
     command("sweep", _sweep, "sweep YAML (see sweeps/)", "base.distill.iterations=20")
     command("validate", _validate, "YAML run config or sweep file", "distill.alpha=0.3")
     command("presets", _presets, None).set_defaults(file=Path("pad-ray presets"))
+    data = command("data", _data, None)
+    data.add_argument("name", metavar="NAME", help="mnist, fashionmnist, kmnist, svhn, cifar10, cifar100, tinyimagenet")
+    data.add_argument("--root", type=Path, required=True, help="data.root of the configs that will read it")
+    data.set_defaults(file=Path("pad-ray data"))
     return parser
 
 

@@ -175,3 +175,11 @@ def test_pad_on_real_mnist_beats_random_subsets_and_its_own_starting_set(tmp_pat
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout)["accuracy"]["test_accuracy"] > 0.5
     assert {path: path.stat().st_mtime_ns for path in (tmp_path / "store").rglob("*") if path.is_file()} == stored
+
+
+def test_data_command_names_the_datasets_it_can_fetch(tmp_path):
+    result = pad_ray("data", "imagenet", "--root", str(tmp_path / "data"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "unknown dataset 'imagenet'" in line and "fashionmnist" in line and "svhn" in line
+    assert not (tmp_path / "data").exists()
