@@ -9,6 +9,7 @@ neither Ray nor MLflow.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,12 +99,14 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def trial_raw(sweep: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
-    """The raw run config of one trial: the base, with IPC choosing its paper preset where the base
-    uses one (`cifar10-ipc10` -> `cifar10-ipc50`), then the sampled values."""
+    """The raw run config of one trial: the base, with IPC choosing its preset of the same family where
+    the base uses one (`cifar10-ipc10` -> `cifar10-ipc50`, `cifar10-ipc10-released` ->
+    `cifar10-ipc50-released`), then the sampled values."""
     raw = copy.deepcopy(sweep.base)
     preset = raw.get("preset") or ""
-    if "ipc" in params and preset in PRESETS and "-ipc" in preset:
-        candidate = f"{preset.rsplit('-ipc', 1)[0]}-ipc{params['ipc']}"
+    family = re.fullmatch(r"(.+-ipc)\d+(.*)", preset)
+    if "ipc" in params and preset in PRESETS and family:
+        candidate = f"{family[1]}{params['ipc']}{family[2]}"
         if candidate in PRESETS:
             raw["preset"] = candidate
     for key, value in params.items():

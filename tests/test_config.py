@@ -111,3 +111,19 @@ def test_absolute_paths_keep_uris_and_resolve_local_paths(tmp_path, monkeypatch)
     cfg = with_absolute_paths(build_config({"preset": "smoke", "store_dir": "s3://bucket/store", "output_dir": "runs"}))
     assert cfg.store_dir == "s3://bucket/store"
     assert cfg.output_dir == str(tmp_path / "runs") and cfg.data.root == str((tmp_path / "../shared/data").resolve())
+
+
+@pytest.mark.parametrize(("base", "ipc", "expected"), [
+    ("cifar10-ipc10", 50, "cifar10-ipc50"),
+    ("cifar10-ipc10-released", 50, "cifar10-ipc50-released"),
+    ("cifar100-ipc1-released", 10, "cifar100-ipc10-released"),
+    ("smoke", 10, "smoke"),
+])
+def test_a_swept_ipc_takes_the_preset_of_the_same_family(base, ipc, expected):
+    from pad_ray.sweep_config import SweepConfig, trial_config
+
+    sweep = SweepConfig.model_validate({"name": "s", "base": {"preset": base}, "space": {"ipc": {"kind": "grid", "values": [ipc]}}})
+    cfg = trial_config(sweep, {"ipc": ipc})
+    assert cfg.preset == expected and cfg.distill.ipc == ipc
+    if expected.endswith("-released"):
+        assert cfg.distill.selection == "loss"
