@@ -81,6 +81,12 @@ def plan_steps(num_images: int, batch: int, steps: int, image_size: tuple[int, i
     return plan
 
 
+def _rows_on(plan: list[InnerStep], device: torch.device) -> list[torch.Tensor]:
+    """Each step's rows on the images' device: plans are drawn on the CPU (so a seed gives the same plan
+    on every device), and index_add_ needs its index beside the tensor it adds into."""
+    return [step.indices.to(device) for step in plan]
+
+
 def _batch_loss(net: FlatParams, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                 draw: Draw | None, dsa: DSA | None) -> torch.Tensor:
     if draw is not None:
@@ -104,8 +110,8 @@ def unrolled_gradients(net: FlatParams, images: torch.Tensor, labels: torch.Tens
     leaves = [t.detach().requires_grad_() for t in (images, labels, syn_lr)]
     x_all, y_all, lr = leaves
     theta = start.detach().clone().requires_grad_()
-    for step in plan:
-        loss = _batch_loss(net, theta, x_all[step.indices], y_all[step.indices], step.draw, dsa)
+    for step, rows in zip(plan, _rows_on(plan, images.device)):
+        loss = _batch_loss(net, theta, x_all[rows], y_all[rows], step.draw, dsa)
         grad = torch.autograd.grad(loss, theta, create_graph=True)[0]
         theta = theta - lr * grad
     loss, _, _ = _distance_ratio(theta, start, target, alpha, selection)
@@ -127,10 +133,11 @@ def two_pass_gradients(net: FlatParams, images: torch.Tensor, labels: torch.Tens
         keep_freed_memory_in_heap()
     images, labels = images.detach(), labels.detach()
     lr = syn_lr.detach()
+    rows_of = _rows_on(plan, images.device)
     thetas = [start.detach()]
-    for step in plan:
+    for step, rows in zip(plan, rows_of):
         theta = thetas[-1].detach().requires_grad_()
-        loss = _batch_loss(net, theta, images[step.indices], labels[step.indices], step.draw, dsa)
+        loss = _batch_loss(net, theta, images[rows], labels[rows], step.draw, dsa)
         grad = torch.autograd.grad(loss, theta)[0]
         thetas.append(thetas[-1] - lr * grad)
 
@@ -140,15 +147,17 @@ def two_pass_gradients(net: FlatParams, images: torch.Tensor, labels: torch.Tens
 
     grad_images, grad_labels = torch.zeros_like(images), torch.zeros_like(labels)
     grad_lr = torch.zeros_like(lr)
-    for step, theta in zip(reversed(plan), reversed(thetas)):
+    for step, rows, theta in zip(reversed(plan), reversed(rows_of), reversed(thetas)):
         theta = theta.detach().requires_grad_()
-        x = images[step.indices].requires_grad_()
-        y = labels[step.indices].requires_grad_()
+        x = images[rows].requires_grad_()
+        y = labels[rows].requires_grad_()
         grad = torch.autograd.grad(_batch_loss(net, theta, x, y, step.draw, dsa), theta, create_graph=True)[0]
         d_theta, d_x, d_y = torch.autograd.grad((grad * lam).sum(), (theta, x, y))
         grad_lr -= (grad.detach() * lam).sum()
-        grad_images.index_add_(0, step.indices, -lr * d_x)
-        grad_labels.index_add_(0, step.indices, -lr * d_y)
+        # A step's rows are distinct (one chunk of a permutation), so each row receives one addition
+        # and the result does not depend on the order of CUDA's atomic adds.
+        grad_images.index_add_(0, rows, -lr * d_x)
+        grad_labels.index_add_(0, rows, -lr * d_y)
         lam = lam - lr * d_theta
     return Matching(loss.item(), grad_images, grad_labels, grad_lr.reshape(syn_lr.shape))
 

@@ -43,7 +43,9 @@ def test_loss_selection_drops_the_smallest_errors():
         keep_mask(error, 0.4, "random")
 
 
-def _problem(selection: str, dsa: bool):
+def _problem(selection: str, dsa: bool, device: str = "cpu"):
+    """Drawn on the CPU, then moved, so every device gets the same problem; the plan stays on the CPU
+    as `Distiller.step` makes it."""
     torch.manual_seed(0)
     net = FlatParams(ConvNet(1, 3, 12, width=4, depth=2).double())
     gen = torch.Generator().manual_seed(1)
@@ -54,20 +56,39 @@ def _problem(selection: str, dsa: bool):
     augment = DSA() if dsa else None
     plan = plan_steps(6, 4, 5, (12, 12), augment, gen)
     lr = torch.tensor(0.05, dtype=torch.float64)
+    net.module.to(device)
+    images, labels, lr, start, target = (t.to(device) for t in (images, labels, lr, start, target))
     return net, images, labels, lr, start, target, plan, augment, 0.3, selection
 
 
-@pytest.mark.parametrize("selection", ["depth", "loss", "none"])
-@pytest.mark.parametrize("dsa", [False, True])
-def test_two_pass_gradients_equal_the_unrolled_ones(selection, dsa):
-    problem = _problem(selection, dsa)
+def check_two_pass_equals_unrolled(selection: str, dsa: bool, device: str) -> None:
+    """Shared with tests/test_cuda.py, which runs it on a GPU."""
+    problem = _problem(selection, dsa, device)
     unrolled = unrolled_gradients(*problem)
     two_pass = two_pass_gradients(*problem)
     assert two_pass.loss == pytest.approx(unrolled.loss, rel=1e-10)
     for name in ("grad_images", "grad_labels", "grad_lr"):
         a, b = getattr(unrolled, name), getattr(two_pass, name)
         assert a.abs().sum() > 0
+        assert a.device == b.device == problem[1].device, name
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("selection", ["depth", "loss", "none"])
+@pytest.mark.parametrize("dsa", [False, True])
+def test_two_pass_gradients_equal_the_unrolled_ones(selection, dsa):
+    check_two_pass_equals_unrolled(selection, dsa, "cpu")
+
+
+@pytest.mark.parametrize("path", [unrolled_gradients, two_pass_gradients])
+@pytest.mark.parametrize("dsa", [False, True])
+def test_gradient_paths_keep_every_tensor_on_the_images_device(path, dsa):
+    # The meta device checks devices as CUDA does but holds no data, so this catches on the CPU a path
+    # that mixes in the plan's CPU indices or draws (index_add_ refuses them): a device-correct path
+    # runs every op and fails only where it reads the loss out as a number.
+    problem = _problem("loss", dsa, "meta")
+    with pytest.raises(RuntimeError, match=r"item\(\) cannot be called on meta tensors"):
+        path(*problem)
 
 
 def test_unrolled_loss_is_one_when_the_student_does_not_move():
