@@ -11,6 +11,7 @@ keep the autoscaler from releasing them).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from pad_ray import stages
 from pad_ray.config import RunConfig, to_dict
 from pad_ray.data import Dataset, Split
 from pad_ray.difficulty import el2n_run, order_by_score
-from pad_ray.runtime import derive_seed
+from pad_ray.runtime import cuda_unusable_reason, derive_seed, visible_cuda_index
 from pad_ray.schedule import check_schedule
 from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
@@ -36,9 +37,32 @@ def use_gpu(cfg: RunConfig) -> bool:
     return max(ray.cluster_resources().get("GPU", 0), can_have.get("GPU", 0)) > 0
 
 
+# Set to 1 only where the GPUs Ray reports are fakes (Ray's fake multi-node cluster in
+# tests/test_cluster.py): work given a GPU there runs on the CPU instead of failing.
+FAKE_GPUS_ENV = "PAD_RAY_FAKE_GPUS"
+
+
+class GPUUnusableError(RuntimeError):
+    """Ray gave this worker a GPU that torch cannot use."""
+
+
 def task_device() -> torch.device:
-    """CUDA when Ray gave this task a GPU that torch can see (fake GPUs of a test cluster are not)."""
-    return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+    """Inside a Ray task, trial or Train worker: the GPU Ray assigned it, else the CPU.
+
+    A GPU that torch cannot use (no driver, a driver older than torch's CUDA, a CPU-only torch) raises
+    with the reason: quietly training on the CPU would hold the GPU for a run many times slower.
+    """
+    gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0)
+    if not gpus or os.environ.get(FAKE_GPUS_ENV) == "1":
+        return torch.device("cpu")
+    ids, visible = ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")
+    reason = cuda_unusable_reason()
+    if reason is not None:
+        raise GPUUnusableError(f"Ray assigned this worker {gpus:g} GPU (ids {ids}, CUDA_VISIBLE_DEVICES={visible!r}) "
+                               f"but torch {torch.__version__} cannot use CUDA: {reason}")
+    index = visible_cuda_index(ids, visible)
+    torch.cuda.set_device(index)  # so that anything using the current device uses this one too
+    return torch.device("cuda", index)
 
 
 @ray.remote

@@ -30,14 +30,47 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but no CUDA device is available")
+        raise ConfigError(f"device: cuda requested but no CUDA device is available ({cuda_unusable_reason()})")
     return torch.device(name)
 
 
+def cuda_unusable_reason() -> str | None:
+    """Why torch cannot run on CUDA in this process (one line), or None when it can."""
+    if not torch.backends.cuda.is_built():
+        return f"torch {torch.__version__} is built without CUDA"
+    try:
+        # is_available() only says no; initialising gives the driver's or the runtime's own reason.
+        torch.cuda.init()
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError or AssertionError, both a reason
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if torch.cuda.device_count() == 0:
+        return "torch sees no CUDA device"
+    return None
+
+
+def visible_cuda_index(gpu_ids: list, visible: str | None) -> int:
+    """torch's index of the first GPU Ray assigned, among the devices CUDA_VISIBLE_DEVICES shows.
+
+    Ray Train shows each worker every GPU its node's workers hold (so they could use NCCL), in
+    the order of Ray's ids: the second worker on a 2-GPU node sees "0,1" and must use index 1, not
+    `cuda` (index 0, the first worker's GPU). Tasks and Tune trials see only their own GPU: index 0.
+    """
+    shown = [d.strip() for d in (visible or "").split(",") if d.strip()]
+    if gpu_ids and str(gpu_ids[0]) in shown:
+        return shown.index(str(gpu_ids[0]))
+    return 0
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: max allocated on CUDA, max resident set size on the CPU."""
+    """Peak memory this process held: on CUDA what its caching allocator reserved from the device,
+    on the CPU the max resident set size.
+
+    Reserved rather than allocated, because reserved is what other processes sharing the GPU
+    (fractional trials) cannot have; allocated leaves out the allocator's cached and fragmented
+    blocks, as RSS on the CPU does not leave out glibc's.
+    """
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return torch.cuda.max_memory_reserved(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 

@@ -556,7 +556,10 @@ def test_gpu_workers_scale_up_for_a_submitted_sweep_and_back_down(tmp_path, mnis
                 "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}",
                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
-                "PAD_RAY_HOME": str(home), "PAD_RAY_DATA": str(mnist_root)})
+                "PAD_RAY_HOME": str(home), "PAD_RAY_DATA": str(mnist_root),
+                # The fake GPU nodes report a GPU that torch here cannot use; without this, trials, Train
+                # workers and EL2N tasks would fail on them (as they must on a real node with a broken driver).
+                "PAD_RAY_FAKE_GPUS": "1"})
     # The autoscaler imports SeparateDisksFakeProvider from this file.
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).parent), env.get("PYTHONPATH")] if p)
     nodes_log = tmp_path / "nodes.jsonl"
