@@ -47,7 +47,8 @@ def test_unknown_family_is_rejected_with_name_and_allowed_list(strategy: str) ->
     assert all(f in message for f in FAMILIES)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False")
 def test_sample_rejects_cuda_generator() -> None:
     with pytest.raises(ValueError, match="CPU generator"):
         DSA().sample(4, (32, 32), torch.Generator(device="cuda"))
@@ -273,7 +274,8 @@ def test_gradient_flows_to_images(family: str) -> None:
 # --- devices -------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: torch.cuda.is_available() is False")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_matches_cpu_and_is_reproducible(family: str) -> None:
     x = images()
