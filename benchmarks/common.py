@@ -1,9 +1,9 @@
 """Shared plumbing for the benchmarks: fresh child processes, peak memory, machine facts, tables, JSON.
 
 Every benchmark script is both the parent (it lists the configurations, starts one child process per
-configuration, prints a table and writes `benchmarks/results/<name>[-quick].json`) and the child
+configuration, prints a table and writes `benchmarks/results/<name>[-cuda][-quick].json`) and the child
 (`--child '<json>'`: measure one configuration, print one `RESULT {...}` line). A fresh process per
-row makes the peak resident set size (or CUDA's max allocated memory) a per-configuration figure.
+row makes the peak resident set size (or CUDA's max reserved memory) a per-configuration figure.
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ def sync(dev) -> None:
 
 
 def peak_memory_bytes(dev) -> int:
-    """Peak of this process: CUDA max allocated on a GPU, else the max resident set size (Linux: KiB)."""
+    """Peak of this process: on a GPU what CUDA's caching allocator reserved (as pad_ray reports it,
+    see runtime.peak_memory_mb), else the max resident set size (Linux: KiB)."""
     if dev.type == "cuda":
         import torch
 
-        return int(torch.cuda.max_memory_allocated(dev))
+        return int(torch.cuda.max_memory_reserved(dev))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -190,10 +191,18 @@ def memory_available_bytes() -> int:
     return 0
 
 
+def _results_path(name: str, quick: bool) -> Path:
+    import torch
+
+    # A GPU machine's figures go beside the CPU ones (`<name>-cuda.json`), never over them.
+    device = "-cuda" if torch.cuda.is_available() else ""
+    return RESULTS / f"{name}{device}{'-quick' if quick else ''}.json"
+
+
 def write_results(name: str, quick: bool, meta: dict[str, Any], rows: list[dict[str, Any]],
                   summary: dict[str, Any] | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}{'-quick' if quick else ''}.json"
+    path = _results_path(name, quick)
     meta = {**meta, "load_average_at_end": load_average()}
     path.write_text(json.dumps({"benchmark": name, "quick": quick, "machine": meta, "rows": rows,
                                 "summary": summary or {}}, indent=2) + "\n")
@@ -201,7 +210,7 @@ def write_results(name: str, quick: bool, meta: dict[str, Any], rows: list[dict[
 
 
 def read_results(name: str, quick: bool) -> dict[str, Any] | None:
-    path = RESULTS / f"{name}{'-quick' if quick else ''}.json"
+    path = _results_path(name, quick)
     if not path.is_file():
         return None
     return json.loads(path.read_text())

@@ -1,13 +1,15 @@
 """Time, peak memory and FLOPs of one outer distillation iteration, unrolled vs constant-memory.
 
-    python3 benchmarks/distill_iteration.py [--quick] [--paths unrolled,constant_memory] [--rows 0,2]
+    python3 benchmarks/distill_iteration.py [--quick | --paper] [--paths unrolled,constant_memory] [--rows 0,2]
 
 One iteration = `plan_steps` (minibatches and DSA draws) + the gradient path
 (`pad_ray.matching.unrolled_gradients` or `two_pass_gradients`) on the CIFAR-10 ConvNet
 (width 128, depth 3, instance norm, 3x32x32, 10 classes), random synthetic images and soft labels,
 DSA on, depth mask at alpha 0.25, and a random start/target pair of flat parameter vectors.
+`--paper` measures the paper's CIFAR-10 settings instead: IPC 10 (batch_syn 100) and IPC 50
+(batch_syn 500), both at N 80 (sized for a GPU; add `--merge` to keep the other rows' results).
 Each row runs in a fresh process: the peak is that configuration's own (max RSS on the CPU, max
-allocated on CUDA). In the same process the plain forward+backward of the same model on one batch
+reserved on CUDA, with max allocated beside it). In the same process the plain forward+backward of the same model on one batch
 of the same size is timed, and FLOPs of both are counted with `torch.utils.flop_counter`, so the
 iteration's achieved throughput is given as a fraction of the plain training step's.
 
@@ -35,6 +37,7 @@ REFERENCE_FWD_BWD_S = 0.41  # plain forward+backward on 100 images (72 GFLOP/s)
 
 FULL_ROWS = [  # (ipc, batch_syn, N, timed iterations)
     (1, 10, 20, 5), (10, 100, 10, 2), (10, 100, 20, 2), (50, 100, 20, 2), (10, 100, 40, 1), (10, 100, 80, 1)]
+PAPER_ROWS = [(10, 100, 80, 2), (50, 500, 80, 2)]  # cifar10-ipc10 and -ipc50 presets
 QUICK_ROWS = [(1, 10, 4, 2), (2, 20, 2, 2), (2, 20, 4, 2), (2, 20, 8, 1)]
 FULL_MODEL = {"classes": 10, "channels": 3, "size": 32, "width": 128, "depth": 3}
 QUICK_MODEL = {"classes": 10, "channels": 3, "size": 32, "width": 16, "depth": 3}
@@ -117,6 +120,7 @@ def child(p: dict) -> dict:
     }
     if dev.type == "cuda":
         result["device_memory_total"] = torch.cuda.get_device_properties(dev).total_memory
+        result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
     return result
 
 
@@ -135,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.parse_args(__doc__.splitlines()[0])
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--rows", default=None, help="indices into the row list (default: all)")
+    parser.add_argument("--paper", action="store_true", help="the paper's IPC 10 / 50 rows at N 80 (for a GPU)")
     parser.add_argument("--merge", action="store_true",
                         help="keep rows of earlier results that this invocation does not measure")
     args = parser.parse_args(argv)
-    rows_spec = QUICK_ROWS if args.quick else FULL_ROWS
+    rows_spec = QUICK_ROWS if args.quick else PAPER_ROWS if args.paper else FULL_ROWS
     if args.rows:
         rows_spec = [rows_spec[int(i)] for i in args.rows.split(",")]
     model = QUICK_MODEL if args.quick else FULL_MODEL
