@@ -32,7 +32,7 @@ from pad_ray.runtime import keep_freed_memory_in_heap
 class InnerStep:
     """What one inner step trains on; recorded so that both gradient paths replay it exactly."""
 
-    indices: torch.Tensor  # rows of the synthetic set
+    indices: torch.Tensor  # rows of the synthetic set, on the CPU where they were drawn
     draw: Draw | None  # DSA parameters, None when augmentation is off
 
 
