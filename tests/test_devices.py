@@ -11,9 +11,10 @@ import torch
 
 from conftest import tiny_config, tiny_dataset
 from pad_ray import distributed
-from pad_ray.config import SweepConfig, to_dict, with_absolute_paths
+from pad_ray.config import to_dict, with_absolute_paths
 from pad_ray.difficulty import el2n_run
 from pad_ray.runtime import cuda_unusable_reason, derive_seed, visible_cuda_index
+from pad_ray.sweep_config import SweepConfig
 
 # On a GPU machine the fake GPU of `ray.init(num_gpus=1)` is the real one: these make CUDA unusable in every
 # worker (none visible; Ray told not to re-set the variable per task; Ray Train told not to share its GPUs).
