@@ -1,5 +1,7 @@
-"""The end of a sweep: a results table (console and CSV), the best config as a ready-to-run YAML, and
-plots of accuracy against alpha per IPC and against IR x AEE, all logged to the sweep's parent run."""
+"""The end of a sweep: a results table (console and CSV, ranked within each IPC), the best config of
+each IPC as a ready-to-run YAML (`best_config_ipc10.yaml`; `best_config.yaml` when the sweep has no
+groups), and plots of accuracy against alpha per IPC and against IR x AEE per IPC, all logged to the
+sweep's parent run."""
 
 from __future__ import annotations
 
@@ -89,20 +91,25 @@ def summarize(results, sweep: SweepConfig, where: str, client: MlflowClient, par
 
 def _summarize(results, sweep: SweepConfig, out: Path, client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
-    table = results_table(results, sweep).sort_values(SCORE, ascending=False, na_position="last")
+    groups = list(sweep.group_by)
+    # Ranked within each group (IPC): trials of different IPCs are never compared.
+    table = results_table(results, sweep).sort_values([*groups, SCORE], ascending=[True] * len(groups) + [False],
+                                                      na_position="last")
     print(table.to_string(index=False))
     written = [out / "results.csv"]
     table.to_csv(written[0], index=False)
-    ranked = table.dropna(subset=[SCORE])
-    if not ranked.empty:
-        params = {key: _plain(ranked.iloc[0][key]) for key in sweep.space}
-        best = to_dict(trial_config(sweep, params))
-        written.append(out / "best_config.yaml")
-        written[-1].write_text(f"# best trial of sweep {sweep.name} by {SCORE}: {params}\n"
-                               + yaml.safe_dump(best, sort_keys=False))
-    for name, plot in (("accuracy_vs_alpha.png", plot_alpha), ("accuracy_vs_ir_aee.png", plot_ir_aee)):
-        if plot(table, out / name):
-            written.append(out / name)
+    for key, group in (table.groupby(groups, dropna=False) if groups else [((), table)]):
+        suffix = "".join(f"_{name}{_plain(value)}" for name, value in zip(groups, key if groups else ()))
+        ranked = group.dropna(subset=[SCORE])
+        if not ranked.empty:
+            params = {name: _plain(ranked.iloc[0][name]) for name in sweep.space}
+            written.append(out / f"best_config{suffix}.yaml")
+            written[-1].write_text(f"# best trial of sweep {sweep.name} by {SCORE}{suffix.replace('_', ' ')}: "
+                                   f"{params}\n" + yaml.safe_dump(to_dict(trial_config(sweep, params)), sort_keys=False))
+        if plot_ir_aee(group, out / f"accuracy_vs_ir_aee{suffix}.png"):
+            written.append(out / f"accuracy_vs_ir_aee{suffix}.png")
+    if plot_alpha(table, out / "accuracy_vs_alpha.png"):
+        written.append(out / "accuracy_vs_alpha.png")
     for path in written:
         client.log_artifact(parent_run_id, str(path))
     return table

@@ -29,7 +29,8 @@ from pad_ray.config import RunConfig, absolute, parse_overrides, to_dict, with_a
 from pad_ray.data import Dataset
 from pad_ray.distill import Distiller, distill
 from pad_ray.errors import input_error, input_error_types
-from pad_ray.sweep_config import SweepConfig, finite_grid, load_sweep, trial_config
+from pad_ray.scheduling import GroupedASHA
+from pad_ray.sweep_config import SweepConfig, evaluations_by_group, finite_grid, load_sweep, trial_config
 from pad_ray.trajectories import TrajectoryStore
 
 PARENT_RUN_ENV = "PAD_RAY_MLFLOW_PARENT_RUN"
@@ -116,7 +117,6 @@ def _param_space(sweep: SweepConfig) -> dict[str, Any]:
 
 
 def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # Everything that can be wrong with the input is checked before anything is written or trained.
@@ -146,7 +146,7 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
 
     parent = client.create_run(experiment_id, run_name=f"{sweep.name} sweep", tags={"sweep": sweep.name})
     os.environ[PARENT_RUN_ENV] = parent.info.run_id
-    max_t = sweep.asha.max_t or first.distill.evaluations
+    max_t = evaluations_by_group(sweep)
     threads = max(1, int(sweep.trial_resources.cpu))
     trainable = tune.with_resources(
         tune.with_parameters(pad_trial, sweep=sweep.model_dump(mode="json"), data=data, experts=experts,
@@ -163,9 +163,9 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
             trainable,
             param_space=_param_space(sweep),
             tune_config=tune.TuneConfig(
-                scheduler=ASHAScheduler(metric=sweep.asha.metric, mode=sweep.asha.mode, max_t=max_t,
-                                        grace_period=sweep.asha.grace_period,
-                                        reduction_factor=sweep.asha.reduction_factor),
+                scheduler=GroupedASHA(sweep.group_by, max_t, metric=sweep.asha.metric, mode=sweep.asha.mode,
+                                      grace_period=sweep.asha.grace_period,
+                                      reduction_factor=sweep.asha.reduction_factor),
                 num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials or None,
                 search_alg=BasicVariantGenerator(random_state=first.seed)),
             run_config=tune.RunConfig(

@@ -52,6 +52,9 @@ class AshaConfig(Section):
     grace_period: int = Field(1, ge=1)  # evaluations a trial runs before it can be stopped
     max_t: int | None = Field(None, ge=1)  # evaluations at most; default: all of a trial's evaluations
     reduction_factor: float = Field(2.0, gt=1)
+    # A trial competes only with trials that share its values of these space keys: an IPC 50 set
+    # always scores above an IPC 1 set, so one pool would stop every small-IPC trial early.
+    group_by: tuple[str, ...] = ("ipc",)
 
 
 class TrialResources(Section):
@@ -75,6 +78,11 @@ class SweepConfig(Section):
     max_failures: int = Field(1, ge=0)  # retries of a crashed trial, from its last checkpoint
     storage_path: str = "runs/sweeps"
     mlflow: MlflowConfig = MlflowConfig()
+
+    @property
+    def group_by(self) -> tuple[str, ...]:
+        """The group keys this space sweeps (a key it does not sweep groups nothing)."""
+        return tuple(key for key in self.asha.group_by if key in self.space)
 
     def path_of(self, key: str) -> str:
         return SPACE_ALIASES.get(key, key)
@@ -170,6 +178,12 @@ def _space_problems(sweep: SweepConfig, axes_dropped: bool) -> list[str]:
         elif not axis.finite and section not in ("distill", "evaluate"):
             problems.append(f"space.{key}: {axis.kind} is a distribution, but {path} selects an expert set, "
                             "so it must be a finite list of values (grid or choice)")
+        elif not axis.finite and key in sweep.asha.group_by:
+            problems.append(f"space.{key}: {axis.kind} is a distribution, but asha.group_by names it, so it "
+                            "must be a finite list of values (grid or choice)")
+    for key in sweep.asha.group_by:
+        if key not in sweep.space and key != "ipc":  # the default groups by IPC only where IPC is swept
+            problems.append(f"asha.group_by: {key!r} is not a key of space; allowed: {', '.join(sweep.space)}")
     return problems
 
 
@@ -194,6 +208,17 @@ def _trial_problems(sweep: SweepConfig, source: str) -> list[str]:
                             f"{evaluations} evaluations of trial {params} (asha.max_t or distill.iterations / "
                             "distill.eval_every)")
     return problems
+
+
+def evaluations_by_group(sweep: SweepConfig) -> dict[tuple, int]:
+    """ASHA's max_t of each group: asha.max_t, or the most evaluations a trial of the group makes."""
+    from pad_ray.scheduling import group_key
+
+    most: dict[tuple, int] = {}
+    for params in finite_grid(sweep, 0) + finite_grid(sweep, 1):
+        key = group_key(params, sweep.group_by)
+        most[key] = max(most.get(key, 0), sweep.asha.max_t or trial_config(sweep, params).distill.evaluations)
+    return most
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:

@@ -24,6 +24,7 @@ from ray.tune import Callback
 
 from pad_ray.config import ConfigError, RunConfig, to_dict
 from pad_ray.sweep_config import SweepConfig, trial_config
+from pad_ray.scheduling import group_key
 from pad_ray.trajectories import ExpertQuality
 
 # Reported values that are bookkeeping, not metrics.
@@ -128,7 +129,8 @@ class MlflowSweepCallback(Callback):
     the next event, so a trial's metrics reach MLflow when the server returns. If it is still away
     when the sweep ends, that is said plainly (Tune's own result files keep every metric)."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, sweep_name: str, parent_env: str, max_t: int,
+    def __init__(self, tracking_uri: str, experiment_id: str, sweep_name: str, parent_env: str,
+                 max_t: dict[tuple, int],
                  sweep: dict[str, Any]):
         self.tracking_uri, self.experiment_id, self.sweep_name = tracking_uri, experiment_id, sweep_name
         self.parent_env, self.max_t, self.sweep = parent_env, max_t, sweep
@@ -169,7 +171,8 @@ class MlflowSweepCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         artifacts = _artifacts_of(trial.checkpoint)
-        stopped_early = (trial.last_result or {}).get("training_iteration", 0) < self.max_t
+        max_t = self.max_t[group_key(trial.config, SweepConfig.model_validate(self.sweep).group_by)]
+        stopped_early = (trial.last_result or {}).get("training_iteration", 0) < max_t
         self._record(trial, "complete", artifacts=artifacts, stopped_early=stopped_early)
 
     def on_trial_error(self, iteration, trials, trial, **info):

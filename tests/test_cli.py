@@ -128,7 +128,7 @@ def test_commands_that_only_read_configs_import_no_torch_or_ray(tmp_path):
 
 # A small end-to-end run (about as long as the CPU preset of the first release): IPC 1, where a few
 # dozen iterations already move the set well beyond both of its controls.
-SMALL_RUN = """preset: mnist-ipc1
+SMALL_RUN = """preset: smoke
 data: {{root: {root}, train_per_class: 300, test_size: 2000}}
 output_dir: {out}/runs
 store_dir: {out}/store

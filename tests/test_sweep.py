@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import signal
@@ -63,6 +64,33 @@ def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(sweep_home):
     assert build_config(best).preset == "smoke"
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"results.csv", "best_config.yaml", "accuracy_vs_alpha.png"} <= logged
+
+
+def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config(sweep_home, tmp_path):
+    sweep = yaml.safe_load(SMOKE.read_text())
+    sweep["name"] = "ipcs"
+    sweep["space"] = {"ipc": [1, 2], "alpha": [0.0, 0.1, 0.2, 0.3]}
+    sweep["base"]["distill"] = {"iterations": 8, "eval_every": 4}
+    path = tmp_path / "ipcs.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    result = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    _, trials, _ = children(sweep_home, "ipcs")
+    out = sweep_home / "sweeps" / "ipcs"
+    table = list(csv.DictReader((out / "results.csv").open()))
+    assert [row["ipc"] for row in table] == ["1"] * 4 + ["2"] * 4  # ranked within each IPC
+    for ipc in (1, 2):
+        runs = [r for r in trials if r.data.params["ipc"] == str(ipc)]
+        # Each IPC has its own rungs: one trial of each runs to the end, the weakest are cut.
+        assert any("final_test_accuracy" in r.data.metrics for r in runs), ipc
+        assert any(r.data.tags["stopped_early"] == "true" for r in runs), ipc
+        rows = [row for row in table if row["ipc"] == str(ipc)]
+        scores = [float(row["best_val_accuracy"]) for row in rows if row["best_val_accuracy"]]
+        assert scores == sorted(scores, reverse=True)
+        best = yaml.safe_load((out / f"best_config_ipc{ipc}.yaml").read_text())
+        assert best["distill"]["ipc"] == ipc and best["distill"]["alpha"] == float(rows[0]["alpha"])
+    assert not (out / "best_config.yaml").exists()
 
 
 def _nan_sweep(tmp_path: Path) -> Path:
