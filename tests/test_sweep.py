@@ -248,9 +248,13 @@ def test_ray_job_submit_runs_the_smoke_sweep(sweep_home, warm_store, ray_cluster
     """`ray job submit --working-dir .` against a local head: the copied working dir changes nothing,
     and the job reads PAD_RAY_HOME and PAD_RAY_DATA from the environment of `ray start`."""
     assert ray_cluster_with_dashboard.env["PAD_RAY_HOME"] == str(sweep_home)  # set before the head started
+    # One alpha: two trials, one per expert set, are enough to show where a job reads and writes.
     job = subprocess.run([RAY_BIN, "job", "submit", "--working-dir", ".", "--", "python", "-m", "pad_ray.sweep",
-                          "sweeps/smoke.yaml"], cwd=REPO, capture_output=True, text=True, timeout=900)
+                          "sweeps/smoke.yaml", "--set", "space.alpha=[0.1]"], cwd=REPO, capture_output=True, text=True,
+                         timeout=900)
     assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, (job.stdout + job.stderr)[-3000:]
     client, trials, _ = children(sweep_home)
-    assert len(trials) == 8  # written where PAD_RAY_HOME says, not inside the copied working dir
-    assert_runs_match_their_trials(client, trials, tune_trials(sweep_home, "smoke"), load_sweep(SMOKE))
+    assert len(trials) == 2  # written where PAD_RAY_HOME says, not inside the copied working dir
+    assert_runs_match_their_trials(client, trials, tune_trials(sweep_home, "smoke"),
+                                   load_sweep(SMOKE, {"space": {"alpha": [0.1]}}))
+    assert {r.data.params["ir"] for r in trials} == {"0.5", "0.75"}
