@@ -32,6 +32,7 @@ _NOT_METRICS = {"steps", "expert_store_key", "iteration", "done", "trial_id", "e
                 "node_ip", "pid", "timestamp", "config", "time_this_iter_s", "time_total_s", "time_since_restore",
                 "iterations_since_restore", "training_iteration", "should_checkpoint", "checkpoint_dir_name"}
 _PER_STEP = ("loss", "skipped", "syn_lr", "start_epoch")
+_EVALUATION_METRIC = "val_accuracy"  # reported at every evaluation, stepped by iteration
 _TAGS = ("expert_store_key",)  # reported strings that become tags of the trial's run
 _MAX_METRICS = 1000  # MLflow's limit per log_batch call
 
@@ -157,6 +158,7 @@ class MlflowSweepCallback(Callback):
         self.pending: list[_Update] = []
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
+        self._logged: dict[str, int] = {}  # trial id -> last evaluation (iteration) its run has
         self._outage = False
         self._held_read = False
 
@@ -189,7 +191,7 @@ class MlflowSweepCallback(Callback):
         for stats in result.get("steps", []):
             metrics += [Metric(f"step_{k}", float(stats[k]), now, int(stats["iteration"])) for k in _PER_STEP]
         tags = [RunTag(k, str(result[k])) for k in _TAGS if k in result]
-        self._record(trial, "result", metrics=metrics, tags=tags)
+        self._record(trial, "result", metrics=metrics, tags=tags, step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         artifacts = _artifacts_of(trial.checkpoint)
@@ -260,7 +262,14 @@ class MlflowSweepCallback(Callback):
         if update.kind == "start":
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         elif update.kind == "result":
+            step = update.payload.get("step")
+            if step is not None and step <= self._logged.get(update.trial_id, 0):
+                # A trial restored from an older checkpoint than its last report (the driver was killed
+                # before Tune saved its state) reports that evaluation again: MLflow has it already.
+                return
             self._batch(run_id, metrics=update.payload["metrics"], tags=update.payload.get("tags", ()))
+            if step is not None:
+                self._logged[update.trial_id] = step
         elif update.kind == "complete":
             for path in update.payload["artifacts"]:
                 self.client.log_artifact(run_id, path)
@@ -281,6 +290,8 @@ class MlflowSweepCallback(Callback):
             f"tags.trial_id = '{update.trial_id}' and tags.sweep = '{self.sweep_name}'", max_results=1)
         if found:
             run_id = found[0].info.run_id
+            history = self.client.get_metric_history(run_id, _EVALUATION_METRIC)
+            self._logged[update.trial_id] = max((m.step for m in history), default=0)
         else:
             cfg = trial_config(SweepConfig.model_validate(self.sweep), update.config)
             run_id = self.client.create_run(self.experiment_id, tags={

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -41,13 +42,16 @@ def children(home: Path, experiment: str = "smoke"):
 
 
 def tune_trials(home: Path, name: str) -> dict[str, dict]:
-    """Tune's own record of each trial, by trial id: its sampled params and every result it reported."""
+    """Tune's own record of each trial, by trial id (in its folder's name, as pad_trial_<id>_<n>_...): its
+    sampled params and every result it reported."""
     trials = {}
     for params_file in (home / "sweeps" / name).glob("*/params.json"):
-        results = [json.loads(line) for line in (params_file.parent / "result.json").read_text().splitlines()
-                   if line.strip()]
-        if results:
-            trials[results[0]["trial_id"]] = {"params": json.loads(params_file.read_text()), "results": results}
+        (trial_id,) = re.findall(r"^pad_trial_([0-9a-f]+_\d+)_\d+_", params_file.parent.name)
+        result_file = params_file.parent / "result.json"
+        lines = result_file.read_text().splitlines() if result_file.exists() else []
+        results = [json.loads(line) for line in lines if line.strip()]
+        assert all(r["trial_id"] == trial_id for r in results)
+        trials[trial_id] = {"params": json.loads(params_file.read_text()), "results": results}
     return trials
 
 
@@ -70,7 +74,8 @@ def assert_runs_match_their_trials(client, runs, trials: dict[str, dict], sweep)
         for key, value in params.items():  # the sampled values themselves, by their sweep names
             assert logged[key] == str(value)
         key = TrajectoryStore(cfg.store_dir, cfg).key
-        assert run.data.tags["expert_store_key"] == key, (params, run.data.tags)
+        if trials[run.data.tags["trial_id"]]["results"]:  # a trial that failed before reporting logs no key
+            assert run.data.tags["expert_store_key"] == key, (params, run.data.tags)
         assert TrajectoryStore(cfg.store_dir, cfg).missing(cfg.experts.num_experts) == []
         keys.add((cfg.schedule.init_ratio, cfg.schedule.add_end_epoch, key))
     # One expert set per (IR, AEE): as many distinct keys as distinct pairs.
