@@ -258,7 +258,7 @@ def smoke_store(tmp_path_factory, mnist_root) -> Path:
     session in this process; the single-process trainer gives the same arrays as Ray Train, which
     the cold sweep test checks against this store."""
     from pad_ray import stages
-    from pad_ray.config import load_sweep
+    from pad_ray.sweep_config import load_sweep
     from pad_ray.sweep import _expert_sets
 
     store = tmp_path_factory.mktemp("smoke_store") / "store"
