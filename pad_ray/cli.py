@@ -43,7 +43,7 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
     out = out or stages.run_dir(cfg)
     data = stages.load_data(cfg)
     if stage == "evaluate":
-        synthetic = stages.load_synthetic(synthetic_path or out / "synthetic_best.npz")
+        synthetic = stages.load_synthetic(synthetic_path or out / "synthetic_best.npz", data)
         return stages.final_evaluation(cfg, data, synthetic, device)
     if cfg.resources.workers > 0:
         order, trajectories = _experts_on_ray(stage, cfg, data)

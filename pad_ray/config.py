@@ -378,11 +378,19 @@ def expand_env(value: Any) -> Any:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a YAML text file (byte 0x{raw[exc.start]:02x} at offset {exc.start} "
+                          "is not UTF-8)") from None
+    try:
         data = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a control character such as NUL: binary, not YAML
+        raise ConfigError(f"{path}: not a YAML text file (character #x{exc.character:04x} at offset "
+                          f"{exc.position})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

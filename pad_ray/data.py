@@ -271,9 +271,16 @@ def _read_cifar_records(path: Path, fmt: _CifarFormat, expected: str) -> tuple[t
     return _unit_float(pixels), labels
 
 
+def _read_text(path: Path, expected: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"malformed text file: {path} is not UTF-8 at byte {error.start} (expected {expected})") from None
+
+
 def _read_class_names(path: Path, count: int, expected: str) -> list[str]:
     _require_file(path, expected)
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in _read_text(path, expected).splitlines() if line.strip()]
     if len(names) != count:
         raise DataError(f"malformed class-name file: {path} has {len(names)} names (expected {count}, one per line)")
     return names
@@ -355,7 +362,8 @@ def _official_val_samples(val_dir: Path, class_to_idx: dict[str, int]) -> list[t
     annotations = val_dir / "val_annotations.txt"
     _require_file(annotations, "the official Tiny ImageNet val annotations next to val/images")
     samples = []
-    for line_no, line in enumerate(annotations.read_text(encoding="utf-8").splitlines(), start=1):
+    text = _read_text(annotations, "the official Tiny ImageNet val annotations, filename<TAB>wnid per line")
+    for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")

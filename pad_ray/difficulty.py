@@ -71,20 +71,25 @@ def load_index_file(path: str | Path, source_index: torch.Tensor, labels: torch.
         else:
             table = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ConfigError(f"difficulty.index_file: cannot read {path}: {exc}") from None
+        detail = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"difficulty.index_file: cannot read {path} as an integer tensor (.npy, or .pt saved "
+                          f"by torch.save): {detail}") from None
     if (not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != num_classes
             or table.shape[1] == 0 or table.dtype.is_floating_point or table.dtype.is_complex
             or table.dtype == torch.bool):
         shape = f"{tuple(table.shape)} {table.dtype}" if isinstance(table, torch.Tensor) else type(table).__name__
         raise ConfigError(f"difficulty.index_file: {path} must be an integer [{num_classes}, n] tensor, got {shape}")
+    # Unsigned tables too: a uint64 above 2**63 wraps to a negative value, which is refused below.
+    table = table.to(torch.int64)
     if (table < 0).any():
         raise ConfigError(f"difficulty.index_file: {path} holds negative indices")
-    position = torch.full((int(max(source_index.max(), table.max())) + 1,), -1, dtype=torch.long)
-    position[source_index] = torch.arange(len(source_index))
+    # Positions by binary search, not a table as long as the largest index: a damaged file may hold
+    # an index of 2**40.
+    official, position = torch.sort(source_index.to(torch.int64))
     order = []
-    for c, row in enumerate(table.long()):
-        local = position[row]
-        local = local[local >= 0]
+    for c, row in enumerate(table):
+        slot = torch.searchsorted(official, row).clamp(max=len(official) - 1)
+        local = position[slot[official[slot] == row]]
         if (labels[local] != c).any():
             raise ConfigError(f"difficulty.index_file: {path} row {c} lists samples of another class")
         order.append(local)

@@ -163,6 +163,19 @@ def read_json(loc: Location) -> Any:
     return json.loads(fs.cat_file(path))
 
 
+def read_checksum(sidecar: Location) -> str:
+    """The sha256 a JSON sidecar records; anything else there (binary, truncated, a folder) is damage."""
+    try:
+        digest = read_json(sidecar)["sha256"]
+    except FileNotFoundError:
+        raise IntegrityError(f"{sidecar}: missing") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError too
+        raise IntegrityError(f"{sidecar}: not a checksum file ({type(exc).__name__})") from None
+    if not isinstance(digest, str):
+        raise IntegrityError(f"{sidecar}: not a checksum file (sha256 is not a string)")
+    return digest
+
+
 def save_array(loc: Location, array: np.ndarray) -> str:
     """Save one array as `.npy`; returns its sha256."""
     return _write(loc, lambda h: np.save(h, np.ascontiguousarray(array), allow_pickle=False))

@@ -40,6 +40,8 @@ def load_data(cfg: RunConfig, max_ipc: int | None = None) -> datasets.Dataset:
     if ipc > smallest:
         raise ConfigError(f"distill.ipc: {ipc} is larger than the smallest class "
                           f"({smallest} training samples)")
+    if cfg.difficulty.index_file:  # read and checked here, before any Ray work, then again where it is used
+        load_index_file(cfg.difficulty.index_file, data.train.index, data.train.labels, data.num_classes)
     return data
 
 
@@ -135,13 +137,35 @@ def save_synthetic(path: Path, synthetic: SyntheticSet) -> None:
     files.write_json(path.with_suffix(".json"), {"sha256": digest})
 
 
-def load_synthetic(path: Path) -> SyntheticSet:
+def load_synthetic(path: Path, data: datasets.Dataset | None = None) -> SyntheticSet:
+    """A distilled set verified by its checksum, and (given `data`) shaped for that dataset."""
+    if path.is_dir():
+        raise files.IntegrityError(f"{path}: is a directory (expected a distilled set, synthetic_*.npz)")
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
         raise files.IntegrityError(f"{sidecar}: missing (needed to verify {path.name})")
-    arrays = files.load_arrays(path, files.read_json(sidecar)["sha256"])
-    return SyntheticSet(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]),
-                        float(arrays["lr"]))
+    arrays = files.load_arrays(path, files.read_checksum(sidecar))
+    layout = "expected float images [n, C, H, W], float labels [n, classes] or integer labels [n], and lr"
+    if {"images", "labels", "lr"} - set(arrays):
+        raise files.IntegrityError(f"{path}: not a distilled set (holds {sorted(arrays)}; {layout})")
+    images, labels, lr = arrays["images"], arrays["labels"], arrays["lr"]
+    soft = labels.ndim == 2 and labels.dtype.kind == "f"
+    hard = labels.ndim == 1 and labels.dtype.kind in "iu"
+    if images.ndim != 4 or images.dtype.kind != "f" or not (soft or hard) or not len(images) or len(labels) != len(images) \
+            or lr.size != 1 or lr.dtype.kind not in "fiu":
+        raise files.IntegrityError(f"{path}: not a distilled set (images {images.dtype} {list(images.shape)}, "
+                                   f"labels {labels.dtype} {list(labels.shape)}, lr {list(lr.shape)}; {layout})")
+    if data is not None:
+        wanted = [data.channels, data.image_size, data.image_size]
+        fits = labels.shape[1] == data.num_classes if soft else (labels.min(initial=0) >= 0
+                                                                  and labels.max(initial=0) < data.num_classes)
+        if list(images.shape[1:]) != wanted or not fits:
+            raise files.IntegrityError(
+                f"{path}: a distilled set of {list(images.shape[1:])} images with labels {list(labels.shape)}, but "
+                f"{data.name} has {wanted} images and {data.num_classes} classes")
+    if hard:
+        labels = labels.astype(np.int64)
+    return SyntheticSet(torch.from_numpy(images), torch.from_numpy(labels), float(lr))
 
 
 def run_distillation(cfg: RunConfig, data: datasets.Dataset, trajectories: list[np.ndarray], device: torch.device,

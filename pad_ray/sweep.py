@@ -21,6 +21,7 @@ from typing import Any
 import ray
 import torch
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -46,7 +47,8 @@ def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: Dataset,
     cfg = trial_config(SweepConfig.model_validate(sweep), params)
     device = distributed.task_device()
     dataset = data
-    trajectories = ray.get(experts[TrajectoryStore(cfg.store_dir, cfg).key])
+    store_key = TrajectoryStore(cfg.store_dir, cfg).key
+    trajectories = ray.get(experts[store_key])
 
     state = None
     checkpoint = tune.get_checkpoint()
@@ -66,6 +68,7 @@ def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: Dataset,
             (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             if metrics["iteration"] == cfg.distill.iterations:
                 metrics.update(_final_evaluation(cfg, dataset, best, device))
+            metrics["expert_store_key"] = store_key  # which expert set this trial read (an MLflow tag)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     distill(cfg, dataset, trajectories, device, state=state, on_eval=on_eval, progress=False)
@@ -158,7 +161,7 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
         callback = tracking.MlflowSweepCallback(uri, experiment_id, sweep.name, PARENT_RUN_ENV, max_t,
-                                                sweep.model_dump(mode="json"))
+                                                sweep.model_dump(mode="json"), held_path=f"{path}/mlflow_held.json")
         tuner = tune.Tuner(
             trainable,
             param_space=_param_space(sweep),
@@ -174,8 +177,16 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
     results = tuner.fit()
-    report.summarize(results, sweep, path, client, parent.info.run_id)
-    client.set_terminated(parent.info.run_id)
+    try:
+        report.summarize(results, sweep, path, client, parent.info.run_id)
+        client.set_terminated(parent.info.run_id)
+    except (MlflowException, OSError) as exc:  # requests' errors are OSErrors
+        # The callback has said so already when it holds updates; then this is the same outage.
+        if not files.exists(f"{path}/mlflow_held.json"):
+            print(f"pad_ray.sweep: error: MLflow at {uri} is unreachable ({str(exc).splitlines()[0][:200]}); the "
+                  f"results table and best config are in {path} but not in MLflow (rerun the same command once "
+                  "the server is back to log them)", file=sys.stderr)
+        return results
     print(f"MLflow: mlflow ui --backend-store-uri {uri}", file=sys.stderr)
     return results
 

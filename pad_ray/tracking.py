@@ -22,16 +22,19 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
+from pad_ray import files
 from pad_ray.config import ConfigError, RunConfig, to_dict
-from pad_ray.sweep_config import SweepConfig, trial_config
 from pad_ray.scheduling import group_key
+from pad_ray.sweep_config import SweepConfig, trial_config
 from pad_ray.trajectories import ExpertQuality
 
 # Reported values that are bookkeeping, not metrics.
-_NOT_METRICS = {"steps", "iteration", "done", "trial_id", "experiment_tag", "date", "hostname", "node_ip",
-                "pid", "timestamp", "config", "time_this_iter_s", "time_total_s", "time_since_restore",
+_NOT_METRICS = {"steps", "expert_store_key", "iteration", "done", "trial_id", "experiment_tag", "date", "hostname",
+                "node_ip", "pid", "timestamp", "config", "time_this_iter_s", "time_total_s", "time_since_restore",
                 "iterations_since_restore", "training_iteration", "should_checkpoint", "checkpoint_dir_name"}
 _PER_STEP = ("loss", "skipped", "syn_lr", "start_epoch")
+_EVALUATION_METRIC = "val_accuracy"  # reported at every evaluation, stepped by iteration
+_TAGS = ("expert_store_key",)  # reported strings that become tags of the trial's run
 _MAX_METRICS = 1000  # MLflow's limit per log_batch call
 
 
@@ -119,6 +122,24 @@ class _Update:
     kind: str  # start | result | complete | error
     payload: dict[str, Any] = field(default_factory=dict)
 
+    def to_json(self) -> dict[str, Any]:
+        payload = dict(self.payload)
+        if "metrics" in payload:
+            payload["metrics"] = [[m.key, m.value, m.timestamp, m.step] for m in payload["metrics"]]
+        if "tags" in payload:
+            payload["tags"] = [[t.key, t.value] for t in payload["tags"]]
+        return {"trial_id": self.trial_id, "trial_name": self.trial_name, "config": self.config,
+                "kind": self.kind, "payload": payload}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> _Update:
+        payload = dict(data["payload"])
+        if "metrics" in payload:
+            payload["metrics"] = [Metric(k, v, t, s) for k, v, t, s in payload["metrics"]]
+        if "tags" in payload:
+            payload["tags"] = [RunTag(k, v) for k, v in payload["tags"]]
+        return cls(data["trial_id"], data["trial_name"], data["config"], data["kind"], payload)
+
 
 class MlflowSweepCallback(Callback):
     """Tune pickles its callbacks with the experiment so that a restored sweep gets them back: this
@@ -126,27 +147,30 @@ class MlflowSweepCallback(Callback):
     from the environment because each invocation (including a resume) opens its own.
 
     Updates are applied in order; while the server cannot be reached they are held and retried at
-    the next event, so a trial's metrics reach MLflow when the server returns. If it is still away
-    when the sweep ends, that is said plainly (Tune's own result files keep every metric)."""
+    the next event, so a trial's metrics reach MLflow when the server returns. Held updates are also
+    written to `held_path` (beside Tune's experiment state): if the server is still away when the
+    sweep ends, that is said in one line (Tune's own result files keep every metric), and running
+    the same command again, with the server back, logs them."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, sweep_name: str, parent_env: str,
-                 max_t: dict[tuple, int],
-                 sweep: dict[str, Any]):
+                 max_t: dict[tuple, int], sweep: dict[str, Any], held_path: str | None = None):
         self.tracking_uri, self.experiment_id, self.sweep_name = tracking_uri, experiment_id, sweep_name
-        self.parent_env, self.max_t, self.sweep = parent_env, max_t, sweep
+        self.parent_env, self.max_t, self.sweep, self.held_path = parent_env, max_t, sweep, held_path
         self.pending: list[_Update] = []
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
+        self._logged: dict[str, int] = {}  # trial id -> last evaluation (iteration) its run has
         self._outage = False
+        self._held_read = False
 
     def __getstate__(self) -> dict[str, Any]:
         return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id,
                 "sweep_name": self.sweep_name, "parent_env": self.parent_env, "max_t": self.max_t,
-                "sweep": self.sweep, "pending": self.pending}
+                "sweep": self.sweep, "held_path": self.held_path, "pending": self.pending}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(*(state[k] for k in ("tracking_uri", "experiment_id", "sweep_name", "parent_env",
-                                            "max_t", "sweep")))
+                                            "max_t", "sweep")), held_path=state.get("held_path"))
         self.pending = state.get("pending", [])
 
     @property
@@ -167,7 +191,8 @@ class MlflowSweepCallback(Callback):
                    if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)]
         for stats in result.get("steps", []):
             metrics += [Metric(f"step_{k}", float(stats[k]), now, int(stats["iteration"])) for k in _PER_STEP]
-        self._record(trial, "result", metrics=metrics)
+        tags = [RunTag(k, str(result[k])) for k in _TAGS if k in result]
+        self._record(trial, "result", metrics=metrics, tags=tags, step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         artifacts = _artifacts_of(trial.checkpoint)
@@ -181,9 +206,11 @@ class MlflowSweepCallback(Callback):
     def on_experiment_end(self, trials, **info):
         if not self.flush():
             held = sorted({u.trial_name for u in self.pending})
+            where = f"held in {self.held_path}; " if self.held_path else ""
             print(f"pad_ray.sweep: error: MLflow at {self.tracking_uri} is still unreachable; "
-                  f"{len(self.pending)} updates of {', '.join(held)} were not logged (Tune's result files "
-                  "keep every metric; rerun the command once the server is back to log them)", file=sys.stderr)
+                  f"{len(self.pending)} updates of {len(held)} trials ({', '.join(held)}) were not logged "
+                  f"({where}Tune's result files keep every metric; rerun the same command once the server is "
+                  "back to log them)", file=sys.stderr)
 
     # -- updates reach MLflow ---------------------------------------------------------------------
 
@@ -193,6 +220,14 @@ class MlflowSweepCallback(Callback):
 
     def flush(self) -> bool:
         """Apply held updates in order; False (and they stay held) when the server cannot be reached."""
+        if not self._held_read:  # updates an earlier invocation could not log come first
+            self._held_read = True
+            earlier = self._read_held()
+            if earlier:
+                print(f"pad_ray.sweep: logging {len(earlier)} updates held by an earlier run of this sweep",
+                      file=sys.stderr)
+                self.pending[:0] = earlier
+                self._outage = True
         while self.pending:
             try:
                 self._apply(self.pending[0])
@@ -201,19 +236,42 @@ class MlflowSweepCallback(Callback):
                     print(f"pad_ray.sweep: MLflow at {self.tracking_uri} unreachable "
                           f"({str(exc).splitlines()[0][:200]}); holding updates", file=sys.stderr)
                     self._outage = True
+                self._write_held()
                 return False
             self.pending.pop(0)
         if self._outage:
             print(f"pad_ray.sweep: MLflow at {self.tracking_uri} is back; held updates logged", file=sys.stderr)
             self._outage = False
+            self._write_held()
         return True
+
+    def _read_held(self) -> list[_Update]:
+        if not self.held_path or not files.exists(self.held_path):
+            return []
+        return [_Update.from_json(u) for u in files.read_json(self.held_path)["updates"]]
+
+    def _write_held(self) -> None:
+        """What is held now, for the next invocation if this one ends first (nothing held: no file)."""
+        if not self.held_path:
+            return
+        if self.pending:
+            files.write_json(self.held_path, {"updates": [u.to_json() for u in self.pending]})
+        else:
+            files.remove(self.held_path)
 
     def _apply(self, update: _Update) -> None:
         run_id = self._run_id(update)
         if update.kind == "start":
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         elif update.kind == "result":
-            self._batch(run_id, metrics=update.payload["metrics"])
+            step = update.payload.get("step")
+            if step is not None and step <= self._logged.get(update.trial_id, 0):
+                # A trial restored from an older checkpoint than its last report (the driver was killed
+                # before Tune saved its state) reports that evaluation again: MLflow has it already.
+                return
+            self._batch(run_id, metrics=update.payload["metrics"], tags=update.payload.get("tags", ()))
+            if step is not None:
+                self._logged[update.trial_id] = step
         elif update.kind == "complete":
             for path in update.payload["artifacts"]:
                 self.client.log_artifact(run_id, path)
@@ -234,6 +292,8 @@ class MlflowSweepCallback(Callback):
             f"tags.trial_id = '{update.trial_id}' and tags.sweep = '{self.sweep_name}'", max_results=1)
         if found:
             run_id = found[0].info.run_id
+            history = self.client.get_metric_history(run_id, _EVALUATION_METRIC)
+            self._logged[update.trial_id] = max((m.step for m in history), default=0)
         else:
             cfg = trial_config(SweepConfig.model_validate(self.sweep), update.config)
             run_id = self.client.create_run(self.experiment_id, tags={

@@ -97,7 +97,7 @@ class TrajectoryStore:
             return False
         try:
             return files.sha256(array_path) == files.read_json(sidecar)["sha256"]
-        except (ValueError, KeyError, OSError):
+        except (ValueError, KeyError, TypeError, OSError):
             return False
 
     def missing(self, count: int) -> list[int]:

@@ -1,11 +1,20 @@
-"""Shared fixtures: a tiny in-memory dataset and its experts for fast unit tests, and the real MNIST."""
+"""Shared fixtures: a tiny in-memory dataset and its experts for fast unit tests, the real MNIST, a
+fresh Ray cluster per test (free ports, its own temp dir, stopped and checked after the test), and
+the smoke sweep's store, trained once per session and copied where a test needs it warm."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -101,3 +110,171 @@ def sweep_home(tmp_path, mnist_root, monkeypatch):
     monkeypatch.setenv("PAD_RAY_DATA", str(mnist_root))
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     return tmp_path / "home"
+
+
+# -- a Ray cluster of the test's own ---------------------------------------------------------------
+
+RAY_BIN = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (all held at once, so they are distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@dataclass
+class RayCluster:
+    """A head started by `ray start` on free ports, in a temp dir of its own. `env` points Ray at it
+    and nowhere else: RAY_ADDRESS names it, and RAY_TMPDIR keeps `ray.init()` from finding (or
+    starting) a cluster under the machine-wide /tmp/ray."""
+
+    temp_dir: Path
+    address: str = ""
+    dashboard: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    head_pids: set[int] = field(default_factory=set)
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process of this cluster: command lines naming its temp dir or GCS address, and
+        their descendants (workers, agents)."""
+        marks = [str(self.temp_dir)] + ([f"={self.address}"] if self.address else [])
+        found: dict[int, psutil.Process] = {}
+        for process in psutil.process_iter(["cmdline"]):
+            line = " ".join(process.info["cmdline"] or [])
+            if any(mark in line for mark in marks) and process.pid != os.getpid():
+                found[process.pid] = process
+                try:
+                    found.update({child.pid: child for child in process.children(recursive=True)})
+                except psutil.NoSuchProcess:
+                    pass
+        return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    def control_processes(self) -> dict[int, str]:
+        """pid -> name of this cluster's raylets and GCS servers."""
+        out = {}
+        for process in self.processes():
+            try:
+                name = process.name()
+            except psutil.NoSuchProcess:
+                continue
+            if name in ("raylet", "gcs_server"):
+                out[process.pid] = name
+        return out
+
+    def actor_pids(self, class_suffix: str) -> list[int]:
+        """Live actors of this cluster whose class name ends with `class_suffix`, from Ray's state API."""
+        from ray.util.state import list_actors
+
+        actors = list_actors(address=self.dashboard, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+        return [a.pid for a in actors if a.class_name.endswith(class_suffix) and a.pid]
+
+    def stop(self) -> list[str]:
+        """Stop every process of this cluster (never another's); what was still alive after SIGKILL."""
+        processes = self.processes()
+        for process in processes:  # a test cluster keeps nothing worth a graceful stop
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(processes, timeout=10)
+        left = [f"{pid} {name}" for pid, name in self.control_processes().items()]
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return left
+
+
+def start_ray_cluster(dashboard: bool = False, num_cpus: int = 2) -> RayCluster:
+    import ray
+
+    # Short: Ray's unix socket paths under the temp dir must fit in 107 bytes.
+    cluster = RayCluster(Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")))
+    gcs, dashboard_port, client, agent = free_ports(4)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    # Token auth off for test clusters: a process that imported Ray before RAY_AUTH_MODE was set (pytest
+    # itself) cannot join a token cluster by address. Free ports and the temp dir keep them apart.
+    env.update({"RAY_TMPDIR": str(cluster.temp_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    command = [RAY_BIN, "start", "--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+               f"--temp-dir={cluster.temp_dir}", f"--include-dashboard={str(dashboard).lower()}",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+               f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"]
+    started = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    cluster.address = f"{ray.util.get_node_ip_address()}:{gcs}"
+    if started.returncode != 0:
+        cluster.stop()
+        raise AssertionError(f"ray start failed: {started.stderr[-3000:]}")
+    env["RAY_ADDRESS"] = cluster.address
+    if dashboard:
+        cluster.dashboard = f"http://127.0.0.1:{dashboard_port}"
+        env["RAY_API_SERVER_ADDRESS"] = cluster.dashboard
+    cluster.env = env
+    cluster.head_pids = set(cluster.control_processes())
+    assert sorted(cluster.control_processes().values()) == ["gcs_server", "raylet"], cluster.control_processes()
+    return cluster
+
+
+def _ray_cluster(monkeypatch, dashboard: bool):
+    cluster = start_ray_cluster(dashboard=dashboard)
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        if key in cluster.env:
+            monkeypatch.setenv(key, cluster.env[key])
+    try:
+        yield cluster
+        # Code under test attaches to this cluster; a second raylet or GCS means it started its own.
+        extra = {pid: name for pid, name in cluster.control_processes().items() if pid not in cluster.head_pids}
+    finally:
+        left = cluster.stop()
+    assert not extra, f"the test started Ray processes of its own: {extra}"
+    assert not left, f"Ray processes of this test still running after it: {left}"
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch):
+    """A fresh local Ray cluster for this test, which every `ray.init()` here and in child processes joins."""
+    yield from _ray_cluster(monkeypatch, dashboard=False)
+
+
+@pytest.fixture
+def ray_cluster_with_dashboard(monkeypatch):
+    """The same, with the dashboard (state API, job submission)."""
+    yield from _ray_cluster(monkeypatch, dashboard=True)
+
+
+# -- the smoke sweep's store, trained once ------------------------------------------------------------
+
+SMOKE_SWEEP = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def smoke_store(tmp_path_factory, mnist_root) -> Path:
+    """The smoke sweep's difficulty order and both expert sets (IR 0.5 and 0.75), trained once per
+    session in this process; the single-process trainer gives the same arrays as Ray Train, which
+    the cold sweep test checks against this store."""
+    from pad_ray import stages
+    from pad_ray.sweep_config import load_sweep
+    from pad_ray.sweep import _expert_sets
+
+    store = tmp_path_factory.mktemp("smoke_store") / "store"
+    sweep = load_sweep(SMOKE_SWEEP, {"base": {"data": {"root": str(mnist_root)}, "store_dir": str(store),
+                                               "output_dir": str(store.parent / "runs")}})
+    data = None
+    for cfg, _, count in _expert_sets(sweep).values():
+        assert cfg.experts.num_experts == count
+        data = data or stages.load_data(cfg)
+        order = stages.difficulty_order(cfg, data, torch.device("cpu"), progress=False)
+        stages.ensure_experts(cfg, data, order, torch.device("cpu"), progress=False)
+    return store
+
+
+@pytest.fixture
+def warm_store(sweep_home, smoke_store) -> Path:
+    """A copy of the session's smoke store where sweeps/smoke.yaml looks for it (PAD_RAY_HOME/store)."""
+    shutil.copytree(smoke_store, sweep_home / "store")
+    return sweep_home / "store"

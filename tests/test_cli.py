@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pad_ray import cli, stages
+from pad_ray import cli, files, stages
 from pad_ray.config import PRESETS, load_config, preset_header
 from pad_ray.distill import Distiller
 from pad_ray.evaluate import random_real_subset
@@ -139,7 +139,13 @@ evaluate: {{num_nets: 3, epochs: 200}}
 """
 
 
-def test_pad_on_real_mnist_beats_random_subsets_and_its_own_starting_set(tmp_path, mnist_root):
+def _store_files(store) -> dict[str, tuple[int, str]]:
+    """Every file in a store: (mtime in ns, sha256), by path within it."""
+    return {str(p.relative_to(store)): (p.stat().st_mtime_ns, files.sha256(p))
+            for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def test_pad_on_real_mnist_beats_random_subsets_and_its_own_starting_set(tmp_path, mnist_root, ray_cluster):
     """EL2N scores, scheduled experts, PAD distillation at IPC 1 and evaluation, end to end on CPU,
     against two controls under the same evaluation: random real subsets and the starting set."""
     config = _write(tmp_path, SMALL_RUN.format(root=mnist_root, out=tmp_path))
@@ -170,11 +176,14 @@ def test_pad_on_real_mnist_beats_random_subsets_and_its_own_starting_set(tmp_pat
     assert (run_dir / "synthetic.png").stat().st_size > 0
     best = stages.load_synthetic(run_dir / "synthetic_best.npz")
     assert best.images.shape == (10, 1, 28, 28) and best.labels.shape == (10, 10)
-    stored = {path: path.stat().st_mtime_ns for path in (tmp_path / "store").rglob("*") if path.is_file()}
+    store = tmp_path / "store"
+    stored = _store_files(store)
+    assert len([p for p in stored if p.startswith("experts/") and p.endswith(".npy")]) == cfg.experts.num_experts
+    assert [p for p in stored if p.startswith("difficulty/") and p.endswith(".npz")]
     again = pad_ray("experts", str(config), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout)["accuracy"]["test_accuracy"] > 0.5
-    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "store").rglob("*") if path.is_file()} == stored
+    assert _store_files(store) == stored  # nothing trained, rewritten or added: same mtimes and checksums
 
 
 def test_data_command_names_the_datasets_it_can_fetch(tmp_path):

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+
+from conftest import RayCluster, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -433,7 +436,6 @@ def test_readme_covers_launch_submit_watch_teardown():
 
 # -- autoscaling on this machine: Ray's fake multi-node provider ----------------------------------------------
 
-GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, AGENT_PORT = 6411, 8311, 6412, 52411
 IDLE_TIMEOUT_S = 15
 MAX_GPU_WORKERS = 2
 
@@ -541,7 +543,10 @@ def test_gpu_workers_scale_up_for_a_submitted_sweep_and_back_down(tmp_path, mnis
 
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     ip = ray.util.get_node_ip_address()
-    config = fake_cluster_config(f"{ip}:{GCS_PORT}")
+    # Free ports and a temp dir of its own: no other cluster on this machine is joined, or stopped.
+    gcs_port, dashboard_port, client_port, agent_port = free_ports(4)
+    cluster = RayCluster(Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")), address=f"{ip}:{gcs_port}")
+    config = fake_cluster_config(cluster.address)
     validate_config(config)
     config_path = tmp_path / "autoscaling.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -554,7 +559,7 @@ def test_gpu_workers_scale_up_for_a_submitted_sweep_and_back_down(tmp_path, mnis
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_enable_autoscaler_v2"))}
     env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-                "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{DASHBOARD_PORT}",
+                "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}", "RAY_TMPDIR": str(cluster.temp_dir),
                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
                 "PAD_RAY_HOME": str(home), "PAD_RAY_DATA": str(mnist_root),
                 # The fake GPU nodes report a GPU that torch here cannot use; without this, trials, Train
@@ -566,13 +571,13 @@ def test_gpu_workers_scale_up_for_a_submitted_sweep_and_back_down(tmp_path, mnis
     watcher = None
     try:
         start = subprocess.run(
-            [ray_bin, "start", "--head", f"--port={GCS_PORT}", "--num-cpus=0", "--num-gpus=0",
+            [ray_bin, "start", "--head", f"--port={gcs_port}", "--num-cpus=0", "--num-gpus=0",
              f"--autoscaling-config={config_path}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={DASHBOARD_PORT}", f"--ray-client-server-port={CLIENT_PORT}",
-             f"--dashboard-agent-listen-port={AGENT_PORT}", "--disable-usage-stats"],
+             f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}",
+             f"--dashboard-agent-listen-port={agent_port}", f"--temp-dir={cluster.temp_dir}", "--disable-usage-stats"],
             capture_output=True, text=True, timeout=180, env=env)
         assert start.returncode == 0, start.stderr[-3000:]
-        watcher = subprocess.Popen([sys.executable, "-c", WATCH_NODES, f"{ip}:{GCS_PORT}", str(nodes_log)],
+        watcher = subprocess.Popen([sys.executable, "-c", WATCH_NODES, cluster.address, str(nodes_log)],
                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for(lambda: _records(nodes_log), 120, "the node watcher never connected")
         assert _alive_workers(_records(nodes_log)[-1], FAKE_HEAD_NODE_ID) == set()  # min_workers 0: no GPUs yet
@@ -592,7 +597,7 @@ def test_gpu_workers_scale_up_for_a_submitted_sweep_and_back_down(tmp_path, mnis
         assert all(n["gpu"] == 1 for r in during for n in r["nodes"] if n["id"] in workers)
 
         # Where the work ran: every trial, Train worker and EL2N task on a GPU worker node, none on the head.
-        placed = subprocess.run([sys.executable, "-c", PLACEMENTS, f"http://127.0.0.1:{DASHBOARD_PORT}"],
+        placed = subprocess.run([sys.executable, "-c", PLACEMENTS, f"http://127.0.0.1:{dashboard_port}"],
                                 capture_output=True, text=True, timeout=120, env=env)
         assert placed.returncode == 0, placed.stderr[-3000:]
         placements = json.loads(placed.stdout.strip().splitlines()[-1])
@@ -611,7 +616,8 @@ def test_gpu_workers_scale_up_for_a_submitted_sweep_and_back_down(tmp_path, mnis
                 watcher.kill()
                 watcher.wait(timeout=30)
         finally:
-            subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
+            left = cluster.stop()  # this cluster's processes only (`ray stop` would stop every cluster here)
+    assert not left, f"Ray processes of this test still running after it: {left}"
 
     # The sweep itself: every trial in MLflow under PAD_RAY_HOME, the results table written.
     from mlflow.tracking import MlflowClient

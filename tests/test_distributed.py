@@ -8,7 +8,6 @@ import threading
 import time
 
 import numpy as np
-import psutil
 import pytest
 import ray
 import torch
@@ -22,12 +21,24 @@ from pad_ray.trajectories import TrajectoryStore
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def _driver(cluster):
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(ray_cluster):
+    """This test's own cluster, with this process as the driver."""
+    yield from _driver(ray_cluster)
+
+
+@pytest.fixture
+def local_ray_with_state_api(ray_cluster_with_dashboard):
+    """The same with the dashboard, whose state API finds this test's workers."""
+    yield from _driver(ray_cluster_with_dashboard)
 
 
 def _reference(cfg, data, order, count):
@@ -65,11 +76,7 @@ def test_ray_train_experts_equal_single_process_and_are_never_trained_twice(loca
         assert np.array_equal(store.load(i), reference[i])
 
 
-def _train_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-
-
-def test_killed_worker_loses_at_most_its_current_epoch(local_ray, tmp_path, mnist_root):
+def test_killed_worker_loses_at_most_its_current_epoch(local_ray_with_state_api, tmp_path, mnist_root):
     cfg = with_absolute_paths(build_config({
         "preset": "smoke", "seed": 5, "data": {"root": str(mnist_root)},
         "output_dir": str(tmp_path / "runs"), "store_dir": str(tmp_path / "store"),
@@ -90,8 +97,10 @@ def test_killed_worker_loses_at_most_its_current_epoch(local_ray, tmp_path, mnis
         partial = store.load_partial(0)
         if partial is not None and len(partial["run"]["snapshots"]) - 1 >= 3:
             killed_at = len(partial["run"]["snapshots"]) - 1
-            for worker in _train_workers():
-                os.kill(worker.pid, signal.SIGKILL)
+            workers = local_ray_with_state_api.actor_pids("RayTrainWorker")  # this test's, from its cluster's state API
+            assert len(workers) == 2
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)  # polling the store for a real checkpoint, not waiting for one
     runner.join(timeout=600)
     assert not failure, failure
@@ -118,7 +127,9 @@ def test_el2n_seeds_in_parallel_give_the_sequential_order(local_ray, tmp_path):
     parallel = distributed.difficulty_order(cfg, data)
     sequential = stages.difficulty_order(cfg.model_copy(update={"store_dir": str(tmp_path / "seq")}), data, CPU,
                                          progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(parallel, sequential))
+    assert len(parallel) == len(sequential) == data.num_classes
+    for a, b in zip(parallel, sequential, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_distillation_from_object_refs_equals_distillation_from_files(local_ray, tmp_path):

@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_config
+from conftest import free_ports, tiny_config
 from pad_ray import files, stages
 from pad_ray.evaluate import SyntheticSet
 from pad_ray.trajectories import TrajectoryStore
@@ -60,8 +59,9 @@ def _results(home: Path, name: str) -> list[list[dict]]:
     return out
 
 
-def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, tmp_path):
-    home = sweep_home
+def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, warm_store, ray_cluster_with_dashboard,
+                                                                tmp_path):
+    home, cluster = sweep_home, ray_cluster_with_dashboard
     sweep = _write_sweep(tmp_path, name="kill", space={"alpha": [0.1]},
                          base={**SMOKE["base"], "distill": {"iterations": 40, "eval_every": 4}},
                          asha={"grace_period": 10}, max_failures=2)
@@ -70,11 +70,10 @@ def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, tmp_p
                               stderr=subprocess.STDOUT)
     try:
         _wait_for(lambda: any(len(r) >= 3 for r in _results(sweep_home, "kill")), "three checkpointed evaluations", alive=driver)
-        trial_processes = [p for p in psutil.process_iter(["cmdline"])
-                           if "ImplicitFunc" in " ".join(p.info["cmdline"] or [])]
-        assert trial_processes
-        for process in trial_processes:
-            os.kill(process.pid, signal.SIGKILL)
+        # This test's trial actor, from the state API of this test's cluster: nobody else's process.
+        (trial_pid,) = cluster.actor_pids("ImplicitFunc")
+        assert trial_pid in {p.pid for p in cluster.processes()}
+        os.kill(trial_pid, signal.SIGKILL)
         assert driver.wait(timeout=900) == 0
     finally:
         driver.kill() if driver.poll() is None else None
@@ -88,12 +87,6 @@ def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, tmp_p
     # Resumed from a checkpoint, not from zero: no evaluation was reported twice, none is missing.
     assert sorted(steps) == list(range(4, 44, 4))
     assert "failures" in (tmp_path / "driver.log").read_text()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _mlflow_server(home: Path, port: int) -> subprocess.Popen:
@@ -115,8 +108,8 @@ def _mlflow_server(home: Path, port: int) -> subprocess.Popen:
     return server
 
 
-def test_mlflow_outage_mid_sweep_loses_no_metrics(sweep_home, tmp_path):
-    port = _free_port()
+def test_mlflow_outage_mid_sweep_loses_no_metrics(sweep_home, warm_store, ray_cluster, tmp_path):
+    (port,) = free_ports(1)
     server = _mlflow_server(sweep_home, port)
     sweep = _write_sweep(tmp_path, name="outage", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
                          mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
@@ -147,6 +140,67 @@ def test_mlflow_outage_mid_sweep_loses_no_metrics(sweep_home, tmp_path):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
             assert sorted(steps) == [4, 8, 12, 16, 20]  # every evaluation, once
             assert run.info.status == "FINISHED"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def _steps_once(client, run_id: str, key: str) -> list[int]:
+    steps = [m.step for m in client.get_metric_history(run_id, key)]
+    assert len(steps) == len(set(steps)), f"{key} logged twice at some step: {sorted(steps)}"
+    return sorted(steps)
+
+
+def test_mlflow_down_until_the_sweep_ends_then_a_rerun_logs_what_was_held(sweep_home, warm_store, ray_cluster,
+                                                                           tmp_path):
+    (port,) = free_ports(1)
+    server = _mlflow_server(sweep_home, port)
+    sweep = _write_sweep(tmp_path, name="down", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
+                         mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
+    held = sweep_home / "sweeps" / "down" / "mlflow_held.json"
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: any(r for r in _results(sweep_home, "down")), "a first reported result", alive=driver)
+        server.terminate()
+        server.wait(timeout=60)
+        assert driver.wait(timeout=900) == 0
+    finally:
+        driver.kill() if driver.poll() is None else None
+        log.close()
+        server.kill() if server.poll() is None else None
+    output = (tmp_path / "driver.log").read_text()
+    assert "Traceback" not in output
+    (said,) = [line for line in output.splitlines() if "still unreachable" in line]  # one line says so
+    assert said.startswith(f"pad_ray.sweep: error: MLflow at http://127.0.0.1:{port} is still unreachable; ")
+    assert "of 2 trials" in said and str(held) in said and "rerun the same command" in said
+    # Tune's results keep every metric of both trials: all five evaluations, every iteration's loss.
+    results = _results(sweep_home, "down")
+    assert len(results) == 2
+    for reported in results:
+        assert [r["iteration"] for r in reported] == [4, 8, 12, 16, 20]
+        assert all("val_accuracy" in r for r in reported) and "final_test_accuracy" in reported[-1]
+        assert sorted(s["iteration"] for r in reported for s in r["steps"]) == list(range(1, 21))
+    assert held.is_file()
+
+    # The same command with the server back: the held updates reach MLflow, each once.
+    server = _mlflow_server(sweep_home, port)
+    try:
+        again = subprocess.run([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, capture_output=True,
+                               text=True, timeout=900)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "updates held by an earlier run of this sweep" in again.stderr
+        assert not held.exists()
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        runs = [r for r in client.search_runs([client.get_experiment_by_name("down").experiment_id])
+                if "trial_id" in r.data.tags]
+        assert len(runs) == 2
+        for run in runs:
+            assert run.info.status == "FINISHED" and "final_test_accuracy" in run.data.metrics
+            assert _steps_once(client, run.info.run_id, "val_accuracy") == [4, 8, 12, 16, 20]
+            assert _steps_once(client, run.info.run_id, "step_loss") == list(range(1, 21))
+            assert {"synthetic_best.npz", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -1,10 +1,13 @@
-"""The sweep on a real local Ray and a real MLflow sqlite store, run as users run it."""
+"""The sweep on a real local Ray and a real MLflow sqlite store, run as users run it.
+
+Each Ray test runs on a cluster of its own (the `ray_cluster` fixtures); one test trains the smoke
+sweep's experts from cold, the others start from a copy of the session's store (`warm_store`)."""
 
 from __future__ import annotations
 
 import csv
-import os
-import shutil
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,13 +18,14 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pad_ray.config import ConfigError, build_config
-from pad_ray.sweep_config import load_sweep
+from conftest import RAY_BIN
+from pad_ray import files
+from pad_ray.config import ConfigError
+from pad_ray.sweep_config import load_sweep, trial_config
+from pad_ray.trajectories import TrajectoryStore
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "sweeps" / "smoke.yaml"
-
-
 
 
 def sweep_command(path: Path) -> list[str]:
@@ -37,36 +41,99 @@ def children(home: Path, experiment: str = "smoke"):
     return client, trials, parents
 
 
-def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(sweep_home):
+def tune_trials(home: Path, name: str) -> dict[str, dict]:
+    """Tune's own record of each trial, by trial id (in its folder's name, as pad_trial_<id>_<n>_...): its
+    sampled params and every result it reported."""
+    trials = {}
+    for params_file in (home / "sweeps" / name).glob("*/params.json"):
+        (trial_id,) = re.findall(r"^pad_trial_([0-9a-f]+_\d+)_\d+_", params_file.parent.name)
+        result_file = params_file.parent / "result.json"
+        lines = result_file.read_text().splitlines() if result_file.exists() else []
+        results = [json.loads(line) for line in lines if line.strip()]
+        assert all(r["trial_id"] == trial_id for r in results)
+        trials[trial_id] = {"params": json.loads(params_file.read_text()), "results": results}
+    return trials
+
+
+def store_checksums(store: Path) -> dict[str, str]:
+    """sha256 of every array file in a store, by path within it."""
+    return {str(p.relative_to(store)): files.sha256(p) for p in sorted(store.rglob("*.np[yz]"))}
+
+
+def assert_runs_match_their_trials(client, runs, trials: dict[str, dict], sweep) -> None:
+    """Each child run's PAD params are its own trial's values, and it read its own IR/AEE expert set."""
+    assert {r.data.tags["trial_id"] for r in runs} == set(trials)
+    keys = set()
+    for run in runs:
+        params = trials[run.data.tags["trial_id"]]["params"]
+        cfg = trial_config(sweep, params)
+        logged = run.data.params
+        assert {k: logged[k] for k in ("ipc", "alpha", "ir", "aee")} == {
+            "ipc": str(cfg.distill.ipc), "alpha": str(cfg.distill.alpha), "ir": str(cfg.schedule.init_ratio),
+            "aee": str(cfg.schedule.add_end_epoch)}, (logged, params)
+        for key, value in params.items():  # the sampled values themselves, by their sweep names
+            assert logged[key] == str(value)
+        key = TrajectoryStore(cfg.store_dir, cfg).key
+        if trials[run.data.tags["trial_id"]]["results"]:  # a trial that failed before reporting logs no key
+            assert run.data.tags["expert_store_key"] == key, (params, run.data.tags)
+        assert TrajectoryStore(cfg.store_dir, cfg).missing(cfg.experts.num_experts) == []
+        keys.add((cfg.schedule.init_ratio, cfg.schedule.add_end_epoch, key))
+    # One expert set per (IR, AEE): as many distinct keys as distinct pairs.
+    assert len({k[2] for k in keys}) == len({k[:2] for k in keys})
+
+
+def assert_each_step_once(client, run, eval_every: int = 4) -> int:
+    """Every iteration's loss and every evaluation logged exactly once, none missing; the evaluations."""
+    evaluations = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy"))
+    assert evaluations == list(range(eval_every, eval_every * len(evaluations) + 1, eval_every)), evaluations
+    losses = sorted(m.step for m in client.get_metric_history(run.info.run_id, "step_loss"))
+    assert losses == list(range(1, eval_every * len(evaluations) + 1)), losses
+    return len(evaluations)
+
+
+def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(sweep_home, ray_cluster, smoke_store):
+    """From cold: EL2N and both expert sets on Ray Train, then 8 trials."""
     home = sweep_home
     result = subprocess.run(sweep_command(SMOKE), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
+    sweep = load_sweep(SMOKE)
+    # Ray Train and EL2N tasks wrote exactly what the single-process trainer of the session store did.
+    assert store_checksums(home / "store") == store_checksums(smoke_store)
+    assert len(list((home / "store" / "experts").iterdir())) == 2  # one set per IR
 
     client, trials, parents = children(sweep_home)
     assert len(trials) == 8 and len(parents) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
+    assert_runs_match_their_trials(client, trials, tune_trials(home, "smoke"), sweep)
     for run in trials:
-        assert {"ipc", "alpha", "ir", "aee"} <= set(run.data.params)
         assert run.data.params["config.distill.syn_steps"] == "10"
         assert run.info.status == "FINISHED"
-        losses = client.get_metric_history(run.info.run_id, "step_loss")
-        accuracies = client.get_metric_history(run.info.run_id, "val_accuracy")
-        assert len(losses) == 4 * len(accuracies) > 0  # every iteration, and an evaluation every 4
+        assert_each_step_once(client, run)
         assert {"synthetic.png", "synthetic_best.npz", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     stopped = [r for r in trials if r.data.tags["stopped_early"] == "true"]
     finished = [r for r in trials if "final_test_accuracy" in r.data.metrics]
     assert stopped, "ASHA stopped no trial early"
     assert finished and all(r.data.tags["stopped_early"] == "false" for r in finished)
 
+    # The table ranks by validation within each IPC; the best config is its top trial's own config.
     out = home / "sweeps" / "smoke"
-    assert len((out / "results.csv").read_text().strip().splitlines()) == 9
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 8
+    top = rows[0]
+    same_ipc = [r for r in rows if r["ipc"] == top["ipc"]]
+    assert float(top["best_val_accuracy"]) == max(float(r["best_val_accuracy"]) for r in same_ipc)
+    (best_run,) = [r for r in trials if r.data.params["alpha"] == top["alpha"] and r.data.params["ir"] == top["ir"]]
+    assert best_run.data.metrics["best_val_accuracy"] == pytest.approx(float(top["best_val_accuracy"]))
+    trial_config_yaml = yaml.safe_load(Path(client.download_artifacts(best_run.info.run_id, "config.yaml")).read_text())
     best = yaml.safe_load((out / "best_config.yaml").read_text())
-    assert build_config(best).preset == "smoke"
+    assert best == trial_config_yaml  # what the trial itself ran with, paths included
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"results.csv", "best_config.yaml", "accuracy_vs_alpha.png"} <= logged
 
 
-def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config(sweep_home, tmp_path):
+def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config(sweep_home, ray_cluster, warm_store,
+                                                                               tmp_path):
     sweep = yaml.safe_load(SMOKE.read_text())
     sweep["name"] = "ipcs"
     sweep["space"] = {"ipc": [1, 2], "alpha": [0.0, 0.1, 0.2, 0.3]}
@@ -103,45 +170,69 @@ def _nan_sweep(tmp_path: Path) -> Path:
     return path
 
 
-def test_diverging_trial_fails_with_its_reason_while_the_others_finish(sweep_home, tmp_path):
+def test_diverging_trial_fails_with_its_reason_while_the_others_finish(sweep_home, warm_store, ray_cluster, tmp_path):
     result = subprocess.run(sweep_command(_nan_sweep(tmp_path)), capture_output=True, text=True, timeout=900,
                             cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
-    _, trials, _ = children(sweep_home, "nan")
+    client, trials, _ = children(sweep_home, "nan")
     by_lr = {r.data.params["distill.lr_img"]: r for r in trials}
     assert by_lr["1e+30"].info.status == "FAILED"
     assert "DivergenceError: matching loss is nan" in by_lr["1e+30"].data.tags["failure_reason"]
     assert by_lr["100"].info.status == "FINISHED" and "final_test_accuracy" in by_lr["100"].data.metrics
+    assert_runs_match_their_trials(client, trials, tune_trials(sweep_home, "nan"), load_sweep(_nan_sweep(tmp_path)))
+
+
+def _interrupt_point(home: Path) -> tuple[dict[str, int], dict[str, int]] | None:
+    """(finished, running) trials as MLflow has them -> their numbers of evaluations, once a trial has
+    finished while another has checkpointed at least one evaluation and is still running."""
+    if not (home / "sweeps" / "smoke").exists():  # Tune has started: MLflow's tables exist by then
+        return None
+    client, trials, _ = children(home)
+    counts = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_accuracy")) for r in trials}
+    finished = {r.info.run_id: counts[r.info.run_id] for r in trials if r.info.status == "FINISHED"}
+    running = {r.info.run_id: counts[r.info.run_id] for r in trials
+               if r.info.status == "RUNNING" and counts[r.info.run_id] >= 1}
+    return (finished, running) if finished and running else None
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
-def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, tmp_path, stop):
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, warm_store, ray_cluster, tmp_path,
+                                                                    stop):
     home = sweep_home
     log = open(tmp_path / "driver.log", "w")  # a file, not a pipe nobody reads: a full pipe blocks the driver
     driver = subprocess.Popen(sweep_command(SMOKE), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
-    done_before: dict[str, int] = {}
-    while not done_before and time.monotonic() < deadline and driver.poll() is None:
-        if (home / "sweeps" / "smoke").exists():  # Tune has started: MLflow's tables exist by then
-            client, trials, _ = children(sweep_home)
-            done_before = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "step_loss"))
-                           for r in trials if r.info.status == "FINISHED"}
-        time.sleep(0.5)  # polling MLflow for a finished trial, the event the interruption waits for
-    assert done_before, "no trial finished before the sweep ended"
+    point = None
+    while point is None and time.monotonic() < deadline and driver.poll() is None:
+        point = _interrupt_point(home)
+        time.sleep(0.5)  # polling MLflow for the state the interruption waits for
+    assert point, "no trial finished while another was running with a checkpoint"
+    done_before, running_before = point
     driver.send_signal(stop)
     driver.wait(timeout=300)
     log.close()
-    _, trials, _ = children(sweep_home)
-    assert len(trials) < 8 or any(r.info.status == "RUNNING" for r in trials), "sweep was not interrupted"
+    client, trials, _ = children(sweep_home)
+    assert any(r.info.status == "RUNNING" for r in trials), "sweep was not interrupted"
+    running_ids = {r.data.tags["trial_id"] for r in trials if r.info.run_id in running_before}
 
     again = subprocess.run(sweep_command(SMOKE), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
     client, trials, parents = children(sweep_home)
     assert len(trials) == 8 and len({r.data.tags["trial_id"] for r in trials}) == 8
     assert len(parents) == 2  # one per invocation
-    for run_id, steps in done_before.items():
-        assert len(client.get_metric_history(run_id, "step_loss")) == steps  # not rerun
     assert all(r.info.status == "FINISHED" for r in trials)
+    evaluations = {r.info.run_id: assert_each_step_once(client, r) for r in trials}  # nothing twice, no gaps
+    for run_id, count in done_before.items():
+        assert evaluations[run_id] == count  # not rerun
+    tune = tune_trials(home, "smoke")
+    assert_runs_match_their_trials(client, trials, tune, load_sweep(SMOKE))
+    for trial_id in running_ids:
+        # Resumed from its checkpoint: Tune restored it with evaluations already done, and the trial's
+        # first report after the restore continues the iteration count where the checkpoint left it.
+        restored = [r for r in tune[trial_id]["results"]
+                    if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1]
+        assert restored, f"trial {trial_id} started again from zero"
+        assert all(r["iteration"] == 4 * r["training_iteration"] for r in restored)
 
 
 @pytest.mark.parametrize(
@@ -186,19 +277,17 @@ def test_shipped_sweeps_validate(monkeypatch, mnist_root):
         assert {"ipc", "alpha", "ir", "aee"} & set(sweep.space), path
 
 
-def test_ray_job_submit_runs_the_smoke_sweep(sweep_home, tmp_path):
-    """`ray job submit --working-dir .` against a local head: the copied working dir changes nothing."""
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:8299", "RAY_AUTH_MODE": "token"}
-    start = subprocess.run([ray_bin, "start", "--head", "--num-cpus=2", "--port=6399", "--include-dashboard=true",
-                            "--dashboard-host=127.0.0.1", "--dashboard-port=8299", "--disable-usage-stats"],
-                           capture_output=True, text=True, timeout=180, env=env)
-    assert start.returncode == 0, start.stderr[-2000:]
-    try:
-        job = subprocess.run([ray_bin, "job", "submit", "--working-dir", ".", "--", "python", "-m", "pad_ray.sweep",
-                              "sweeps/smoke.yaml"], cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-        assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, (job.stdout + job.stderr)[-3000:]
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120, env=env)
-    _, trials, _ = children(sweep_home)
-    assert len(trials) == 8  # written where PAD_RAY_HOME says, not inside the copied working dir
+def test_ray_job_submit_runs_the_smoke_sweep(sweep_home, warm_store, ray_cluster_with_dashboard):
+    """`ray job submit --working-dir .` against a local head: the copied working dir changes nothing,
+    and the job reads PAD_RAY_HOME and PAD_RAY_DATA from the environment of `ray start`."""
+    assert ray_cluster_with_dashboard.env["PAD_RAY_HOME"] == str(sweep_home)  # set before the head started
+    # One alpha: two trials, one per expert set, are enough to show where a job reads and writes.
+    job = subprocess.run([RAY_BIN, "job", "submit", "--working-dir", ".", "--", "python", "-m", "pad_ray.sweep",
+                          "sweeps/smoke.yaml", "--set", "space.alpha=[0.1]"], cwd=REPO, capture_output=True, text=True,
+                         timeout=900)
+    assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, (job.stdout + job.stderr)[-3000:]
+    client, trials, _ = children(sweep_home)
+    assert len(trials) == 2  # written where PAD_RAY_HOME says, not inside the copied working dir
+    assert_runs_match_their_trials(client, trials, tune_trials(sweep_home, "smoke"),
+                                   load_sweep(SMOKE, {"space": {"alpha": [0.1]}}))
+    assert {r.data.params["ir"] for r in trials} == {"0.5", "0.75"}
