@@ -59,15 +59,20 @@ def _results(home: Path, name: str) -> list[list[dict]]:
     return out
 
 
+def _start_driver(sweep: Path, tmp_path: Path):
+    """The sweep driver in the background, its output to a file (a pipe nobody reads would block it)."""
+    log = open(tmp_path / "driver.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT), log
+
+
 def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, warm_store, ray_cluster_with_dashboard,
                                                                 tmp_path):
     home, cluster = sweep_home, ray_cluster_with_dashboard
     sweep = _write_sweep(tmp_path, name="kill", space={"alpha": [0.1]},
                          base={**SMOKE["base"], "distill": {"iterations": 40, "eval_every": 4}},
                          asha={"grace_period": 10}, max_failures=2)
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, stdout=log,
-                              stderr=subprocess.STDOUT)
+    driver, log = _start_driver(sweep, tmp_path)
     try:
         _wait_for(lambda: any(len(r) >= 3 for r in _results(sweep_home, "kill")), "three checkpointed evaluations", alive=driver)
         # This test's trial actor, from the state API of this test's cluster: nobody else's process.
@@ -113,9 +118,7 @@ def test_mlflow_outage_mid_sweep_loses_no_metrics(sweep_home, warm_store, ray_cl
     server = _mlflow_server(sweep_home, port)
     sweep = _write_sweep(tmp_path, name="outage", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
                          mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, stdout=log,
-                              stderr=subprocess.STDOUT)
+    driver, log = _start_driver(sweep, tmp_path)
     try:
         _wait_for(lambda: any(r for r in _results(sweep_home, "outage")), "a first reported result", alive=driver)
         server.terminate()
@@ -158,9 +161,7 @@ def test_mlflow_down_until_the_sweep_ends_then_a_rerun_logs_what_was_held(sweep_
     sweep = _write_sweep(tmp_path, name="down", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
                          mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
     held = sweep_home / "sweeps" / "down" / "mlflow_held.json"
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, stdout=log,
-                              stderr=subprocess.STDOUT)
+    driver, log = _start_driver(sweep, tmp_path)
     try:
         _wait_for(lambda: any(r for r in _results(sweep_home, "down")), "a first reported result", alive=driver)
         server.terminate()
