@@ -189,7 +189,7 @@ class RayCluster:
         return left
 
 
-def start_ray_cluster(dashboard: bool = False, num_cpus: int = 2) -> RayCluster:
+def start_ray_cluster(dashboard: bool = False, num_cpus: int = 2, num_gpus: int = 0) -> RayCluster:
     import ray
 
     # Short: Ray's unix socket paths under the temp dir must fit in 107 bytes.
@@ -199,7 +199,7 @@ def start_ray_cluster(dashboard: bool = False, num_cpus: int = 2) -> RayCluster:
     # Token auth off for test clusters: a process that imported Ray before RAY_AUTH_MODE was set (pytest
     # itself) cannot join a token cluster by address. Free ports and the temp dir keep them apart.
     env.update({"RAY_TMPDIR": str(cluster.temp_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
-    command = [RAY_BIN, "start", "--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+    command = [RAY_BIN, "start", "--head", f"--port={gcs}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
                f"--temp-dir={cluster.temp_dir}", f"--include-dashboard={str(dashboard).lower()}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"]
@@ -218,8 +218,8 @@ def start_ray_cluster(dashboard: bool = False, num_cpus: int = 2) -> RayCluster:
     return cluster
 
 
-def _ray_cluster(monkeypatch, dashboard: bool):
-    cluster = start_ray_cluster(dashboard=dashboard)
+def _ray_cluster(monkeypatch, dashboard: bool, num_gpus: int = 0):
+    cluster = start_ray_cluster(dashboard=dashboard, num_gpus=num_gpus)
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(key, raising=False)
     for key in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
@@ -245,6 +245,15 @@ def ray_cluster(monkeypatch):
 def ray_cluster_with_dashboard(monkeypatch):
     """The same, with the dashboard (state API, job submission)."""
     yield from _ray_cluster(monkeypatch, dashboard=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster_with_a_gpu():
+    """A cluster for this module whose node offers one GPU: the real one on a GPU machine, a nominal one
+    elsewhere. Never `ray.init(address="local")` in the test process: the token-auth cluster it starts
+    leaves the process unable to create Ray Train's controller on any later test's cluster."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield from _ray_cluster(monkeypatch, dashboard=False, num_gpus=1)
 
 
 # -- the smoke sweep's store, trained once ------------------------------------------------------------

@@ -8,7 +8,6 @@ atomic adds in some CUDA backward passes), so numbers are compared with toleranc
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from pad_ray.augment import DSA
 from pad_ray.config import with_absolute_paths
 from pad_ray.difficulty import el2n_run
 from pad_ray.distill import Distiller, distill
-from pad_ray.evaluate import SyntheticSet, evaluate, train_on
+from pad_ray.evaluate import evaluate, train_on
 from pad_ray.experts import seeded_model, train_expert
 from pad_ray.runtime import cuda_unusable_reason, derive_seed, peak_memory_mb
 from test_augment import draws_equal, gen, images
@@ -143,7 +142,7 @@ def test_expert_on_cuda_follows_the_cpu_trajectory(tiny, optimizer):
     np.testing.assert_allclose(trajectories["cuda"], trajectories["cpu"], rtol=1e-3, atol=1e-4)
 
 
-def test_expert_on_ray_train_with_a_gpu(tmp_path):
+def test_expert_on_ray_train_with_a_gpu(tmp_path, ray_cluster_with_a_gpu):
     import ray
 
     from pad_ray import distributed
@@ -153,8 +152,7 @@ def test_expert_on_ray_train_with_a_gpu(tmp_path):
     order = [torch.nonzero(data.train.labels == c).flatten() for c in range(3)]
     reference = stages.ensure_experts(cfg.model_copy(update={"store_dir": cfg.store_dir + "-cpu"}), data, order,
                                       CPU, progress=False)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address=ray_cluster_with_a_gpu.address, log_to_driver=False)
     try:
         store = distributed.generate_experts(cfg, data, order)
     finally:

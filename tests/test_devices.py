@@ -3,7 +3,6 @@ loudly on a real local Ray with a fake GPU (issue 11, item 7). The checks that n
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import ray
@@ -42,10 +41,8 @@ def test_cuda_unusable_reason_is_given_exactly_when_cuda_is_unusable():
 
 
 @pytest.fixture(scope="module")
-def fake_gpu_ray():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": NO_CUDA})
+def fake_gpu_ray(ray_cluster_with_a_gpu):
+    ray.init(address=ray_cluster_with_a_gpu.address, log_to_driver=False, runtime_env={"env_vars": NO_CUDA})
     yield
     ray.shutdown()
 
