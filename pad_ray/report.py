@@ -32,10 +32,10 @@ def results_table(results, sweep: SweepConfig) -> pd.DataFrame:
         if params:
             cfg = trial_config(sweep, params)
             pad = {"ipc": cfg.distill.ipc, "alpha": cfg.distill.alpha, "ir": cfg.schedule.init_ratio,
-                   "aee": cfg.schedule.add_end_epoch}
+                   "aee": cfg.schedule.add_end_epoch, "seed": cfg.seed}
         rows.append({
             **pad,
-            **{key: params.get(key) for key in sweep.space},
+            **{key: params.get(key) for key in sweep.trial_keys},
             SCORE: metrics.get(SCORE),
             "final_test_accuracy": metrics.get("final_test_accuracy"),
             "final_test_std": metrics.get("final_test_std"),
@@ -102,7 +102,7 @@ def _summarize(results, sweep: SweepConfig, out: Path, client: MlflowClient, par
         suffix = "".join(f"_{name}{_plain(value)}" for name, value in zip(groups, key if groups else ()))
         ranked = group.dropna(subset=[SCORE])
         if not ranked.empty:
-            params = {name: _plain(ranked.iloc[0][name]) for name in sweep.space}
+            params = {name: _plain(ranked.iloc[0][name]) for name in sweep.trial_keys}
             written.append(out / f"best_config{suffix}.yaml")
             written[-1].write_text(f"# best trial of sweep {sweep.name} by {SCORE}{suffix.replace('_', ' ')}: "
                                    f"{params}\n" + yaml.safe_dump(to_dict(trial_config(sweep, params)), sort_keys=False))
