@@ -156,9 +156,10 @@ class EvalConfig(Section):
     batch_size: int = Field(128, ge=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
+    # The first listed is a sweep trial's headline final_test_accuracy; every one is reported.
     models: tuple[Literal[
         "convnet", "convnet_bn", "resnet18", "resnet18_bn", "vgg11", "alexnet", "lenet", "mlp"
-    ], ...] = ("convnet",)
+    ], ...] = Field(("convnet",), min_length=1)
     dsa: bool = True
 
 

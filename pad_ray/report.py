@@ -25,6 +25,10 @@ SCORE = "best_val_accuracy"  # selection is on validation, never on test
 
 
 def results_table(results, sweep: SweepConfig) -> pd.DataFrame:
+    # A column per evaluated architecture (final_test_accuracy/resnet18, ...), in the order they ran.
+    per_architecture = list(dict.fromkeys(
+        key for result in results for key in (result.metrics or {})
+        if key.startswith(("final_test_accuracy/", "final_test_std/"))))
     rows = []
     for result in results:
         metrics, params = result.metrics or {}, result.config or {}
@@ -39,6 +43,7 @@ def results_table(results, sweep: SweepConfig) -> pd.DataFrame:
             SCORE: metrics.get(SCORE),
             "final_test_accuracy": metrics.get("final_test_accuracy"),
             "final_test_std": metrics.get("final_test_std"),
+            **{key: metrics.get(key) for key in per_architecture},
             "iterations": metrics.get("iteration"),
             "status": "error" if result.error else ("done" if "final_test_accuracy" in metrics else "stopped"),
             "error": str(result.error).strip().splitlines()[-1][:200] if result.error else "",
