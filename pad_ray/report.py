@@ -25,6 +25,10 @@ SCORE = "best_val_accuracy"  # selection is on validation, never on test
 
 
 def results_table(results, sweep: SweepConfig) -> pd.DataFrame:
+    # A column per evaluated architecture (final_test_accuracy/resnet18, ...), in the order they ran.
+    per_architecture = list(dict.fromkeys(
+        key for result in results for key in (result.metrics or {})
+        if key.startswith(("final_test_accuracy/", "final_test_std/"))))
     rows = []
     for result in results:
         metrics, params = result.metrics or {}, result.config or {}
@@ -32,13 +36,14 @@ def results_table(results, sweep: SweepConfig) -> pd.DataFrame:
         if params:
             cfg = trial_config(sweep, params)
             pad = {"ipc": cfg.distill.ipc, "alpha": cfg.distill.alpha, "ir": cfg.schedule.init_ratio,
-                   "aee": cfg.schedule.add_end_epoch}
+                   "aee": cfg.schedule.add_end_epoch, "seed": cfg.seed}
         rows.append({
             **pad,
-            **{key: params.get(key) for key in sweep.space},
+            **{key: params.get(key) for key in sweep.trial_keys},
             SCORE: metrics.get(SCORE),
             "final_test_accuracy": metrics.get("final_test_accuracy"),
             "final_test_std": metrics.get("final_test_std"),
+            **{key: metrics.get(key) for key in per_architecture},
             "iterations": metrics.get("iteration"),
             "status": "error" if result.error else ("done" if "final_test_accuracy" in metrics else "stopped"),
             "error": str(result.error).strip().splitlines()[-1][:200] if result.error else "",
@@ -102,7 +107,7 @@ def _summarize(results, sweep: SweepConfig, out: Path, client: MlflowClient, par
         suffix = "".join(f"_{name}{_plain(value)}" for name, value in zip(groups, key if groups else ()))
         ranked = group.dropna(subset=[SCORE])
         if not ranked.empty:
-            params = {name: _plain(ranked.iloc[0][name]) for name in sweep.space}
+            params = {name: _plain(ranked.iloc[0][name]) for name in sweep.trial_keys}
             written.append(out / f"best_config{suffix}.yaml")
             written[-1].write_text(f"# best trial of sweep {sweep.name} by {SCORE}{suffix.replace('_', ' ')}: "
                                    f"{params}\n" + yaml.safe_dump(to_dict(trial_config(sweep, params)), sort_keys=False))

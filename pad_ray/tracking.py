@@ -103,7 +103,7 @@ def log_expert_set(client: MlflowClient, experiment_id: str, sweep_name: str, cf
             metrics += [Metric(f"expert_{i}/{name}", float(v), now, epoch + 1)
                         for epoch, v in enumerate((expert or {}).get(name, []))]
     params = {"num_experts": len(quality.experts), "ir": cfg.schedule.init_ratio,
-              "aee": cfg.schedule.add_end_epoch,
+              "aee": cfg.schedule.add_end_epoch, "data.seed": cfg.data.seed,
               **flat_params({"experts": to_dict(cfg.experts), "schedule": to_dict(cfg.schedule)})}
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     for start in range(0, len(metrics), _MAX_METRICS):

@@ -73,7 +73,7 @@ def tiny():
     order = [torch.nonzero(data.train.labels == c).flatten() for c in range(3)]
     trajectories = [
         train_expert(data.train, order, 3, cfg.model, cfg.experts, cfg.schedule,
-                     derive_seed(cfg.seed, "expert", i), torch.device("cpu"))
+                     derive_seed(cfg.experts.seed, "expert", i), torch.device("cpu"))
         for i in range(cfg.experts.num_experts)
     ]
     return cfg, data, order, trajectories

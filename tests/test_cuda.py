@@ -125,7 +125,7 @@ def test_peak_memory_on_cuda_is_what_the_process_reserved():
 
 def test_el2n_on_cuda_scores_what_the_cpu_scores():
     cfg, data = tiny_config(), tiny_dataset()
-    seed = derive_seed(cfg.seed, "el2n", 0)
+    seed = derive_seed(cfg.data.seed, "el2n", 0)
     on_cuda = el2n_run(data.train, 3, cfg.model, cfg.difficulty, seed, CUDA)
     on_cpu = el2n_run(data.train, 3, cfg.model, cfg.difficulty, seed, CPU)
     assert on_cuda.device.type == "cpu"
@@ -136,7 +136,7 @@ def test_el2n_on_cuda_scores_what_the_cpu_scores():
 def test_expert_on_cuda_follows_the_cpu_trajectory(tiny, optimizer):
     cfg, data, order, _ = tiny
     experts = cfg.experts.model_copy(update={"optimizer": optimizer})
-    seed = derive_seed(cfg.seed, "expert", 0)
+    seed = derive_seed(cfg.experts.seed, "expert", 0)
     trajectories = {name: train_expert(data.train, order, 3, cfg.model, experts, cfg.schedule, seed, device)
                     for name, device in (("cpu", CPU), ("cuda", CUDA))}
     np.testing.assert_allclose(trajectories["cuda"], trajectories["cpu"], rtol=1e-3, atol=1e-4)

@@ -93,7 +93,7 @@ def test_fake_gpus_opt_in_runs_on_the_cpu(fake_gpu_ray, tmp_path):
     data = tiny_dataset()
     task = distributed._el2n_task.options(num_cpus=1, num_gpus=1,
                                           runtime_env={"env_vars": {**NO_CUDA, distributed.FAKE_GPUS_ENV: "1"}})
-    seed = derive_seed(cfg.seed, "el2n", 0)
+    seed = derive_seed(cfg.data.seed, "el2n", 0)
     scores = ray.get(task.remote(data.train, data.num_classes, to_dict(cfg), seed, 1))
     expected = el2n_run(data.train, data.num_classes, cfg.model, cfg.difficulty, seed, torch.device("cpu"))
     assert torch.equal(scores, expected)
