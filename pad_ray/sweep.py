@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pad_ray import distributed, files, report, stages, tracking
+from pad_ray import distributed, files, plan, report, stages, tracking
 from pad_ray.config import RunConfig, absolute, parse_overrides, to_dict, with_absolute_paths
 from pad_ray.data import Dataset
 from pad_ray.distill import Distiller, distill
@@ -222,9 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", type=Path, help="sweep YAML (see sweeps/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one sweep key, e.g. --set base.distill.iterations=20")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the trials, the expert sets (cached / to train, and their cost), the object-store "
+                             "bytes and each trial's memory on both gradient paths; train, start and write nothing")
     args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep, parse_overrides(args.overrides))
+        if args.dry_run:
+            print(plan.describe(sweep, str(args.sweep)))
+            return 0
         results = run_sweep(sweep)
     except input_error_types() as exc:
         print(f"pad_ray.sweep: error: {input_error(exc, args.sweep)}", file=sys.stderr)
