@@ -33,9 +33,11 @@ SHAPES = {  # channels, size, classes, width, depth
 }
 FULL_ROWS = [  # shape, path, batch, N
     ("cifar10", "unrolled", 10, 4), ("cifar10", "unrolled", 10, 12), ("cifar10", "unrolled", 40, 4),
-    ("cifar10", "unrolled", 40, 8), ("cifar10-width64", "unrolled", 20, 8), ("tinyimagenet", "unrolled", 8, 3),
+    ("cifar10", "unrolled", 40, 8), ("cifar10", "unrolled", 100, 6), ("cifar10-width64", "unrolled", 20, 8),
+    ("tinyimagenet", "unrolled", 8, 3),
     ("cifar10", "constant_memory", 10, 4), ("cifar10", "constant_memory", 10, 16),
     ("cifar10", "constant_memory", 40, 4), ("cifar10", "constant_memory", 80, 3),
+    ("cifar10", "constant_memory", 100, 4),
     ("cifar10-width64", "constant_memory", 40, 4), ("tinyimagenet", "constant_memory", 8, 3),
 ]
 QUICK_ROWS = [("cifar10-width64", "unrolled", 4, 2), ("cifar10-width64", "unrolled", 4, 4),

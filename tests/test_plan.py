@@ -179,3 +179,14 @@ def test_dry_run_rejects_bad_input_with_one_line(sweep_home, tmp_path, override,
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert expected in line and not result.stdout
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "tinyimagenet"])
+def test_shipped_gpu_sweeps_take_the_path_that_fits_a_48_gb_l40s(name):
+    from pad_ray.sweep_config import load_sweep
+
+    model = plan.memory_models()["cpu"]
+    configs = plan._trial_configs(load_sweep(REPO / "sweeps" / f"{name}.yaml"))
+    l40s = 48e9
+    assert all(plan.trial_memory(c, model, c.distill.gradient) * (1 + model.tolerance) < l40s for c in configs)
+    assert any(plan.trial_memory(c, model, "unrolled") > l40s for c in configs)  # why not the unrolled path
