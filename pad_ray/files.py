@@ -144,6 +144,11 @@ def upload(local: Path, loc: Location) -> None:
     _write(loc, lambda handle: handle.write(Path(local).read_bytes()))
 
 
+def write_bytes(loc: Location, data: bytes) -> str:
+    """Write `data` to `loc` atomically; returns its sha256."""
+    return _write(loc, lambda handle: handle.write(data))
+
+
 def sha256(loc: Location) -> str:
     """Streamed in 4 MiB blocks, so a 1 GB trajectory is never held whole just to hash it."""
     fs, path, _ = _resolve(loc)

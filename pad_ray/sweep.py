@@ -29,6 +29,7 @@ from pad_ray import distributed, files, report, stages, tracking
 from pad_ray.config import RunConfig, absolute, parse_overrides, to_dict, with_absolute_paths
 from pad_ray.data import Dataset
 from pad_ray.distill import Distiller, distill
+from pad_ray.distilled import FILE_NAME as DISTILLED_FILE, save_distilled
 from pad_ray.errors import input_error, input_error_types
 from pad_ray.scheduling import GroupedASHA
 from pad_ray.sweep_config import REPEAT, SweepConfig, evaluations_by_group, finite_grid, load_sweep, trial_config
@@ -64,6 +65,11 @@ def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: dict[int, 
             distiller.save(out / "state.pt")
             best = distiller.best_synthetic()
             stages.save_synthetic(out / "synthetic_best.npz", best)
+            context = tune.get_context()
+            save_distilled(out / DISTILLED_FILE, best, dataset, cfg, {
+                "sweep": context.get_experiment_name(), "trial_id": context.get_trial_id(),
+                "trial_name": context.get_trial_name(), "best_iteration": distiller.best.iteration,
+                "best_val_accuracy": distiller.best.val})
             stages.save_grid(out / "synthetic.png", best, dataset, cfg.distill.ipc)
             (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             if metrics["iteration"] == cfg.distill.iterations:

@@ -326,7 +326,7 @@ def _artifacts_of(checkpoint) -> list[str]:
     keep = Path(tempfile.mkdtemp(prefix="pad_ray_artifacts_"))
     with checkpoint.as_directory() as folder:
         for path in sorted(Path(folder).iterdir()):
-            if path.suffix in (".png", ".npz", ".json", ".yaml"):
+            if path.suffix in (".png", ".npz", ".safetensors", ".json", ".yaml"):
                 shutil.copy2(path, keep / path.name)
     return [str(p) for p in sorted(keep.iterdir())]
 
