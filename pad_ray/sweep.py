@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pad_ray import distributed, files, report, stages, tracking
+from pad_ray import distributed, files, progress, report, stages, tracking
 from pad_ray.config import RunConfig, absolute, parse_overrides, to_dict, with_absolute_paths
 from pad_ray.data import Dataset
 from pad_ray.distill import Distiller, distill
@@ -160,7 +160,8 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
     client = MlflowClient(uri)
     experiment_id = tracking.open_experiment(client, sweep.mlflow.experiment or sweep.name, uri)
 
-    ray.init(log_to_driver=True)
+    context = ray.init(log_to_driver=True)
+    print(progress.addresses(uri, context.dashboard_url), file=sys.stderr)
     experts = {}
     for key, (cfg, last_epoch, count) in _expert_sets(sweep).items():
         order = distributed.difficulty_order(cfg, splits[cfg.data.seed])

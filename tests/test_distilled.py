@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config, write_malicious_pickle
-from pad_ray import cli, data as datasets, files, stages
-from pad_ray.distilled import FILE_NAME, Preprocessing, class_folders, export, load_distilled, save_distilled
+from pad_ray import data as datasets, files, stages
+from pad_ray.distilled import FILE_NAME, class_folders, export, load_distilled, save_distilled
 from pad_ray.evaluate import SyntheticSet
+from pad_ray.progress import addresses
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["normalize", "zca"])
@@ -306,5 +307,13 @@ def test_a_torchvision_model_learns_from_the_exported_imagefolder_without_pad_ra
     assert trained.returncode == 0, trained.stderr[-2000:]
     accuracy, imported = trained.stdout.split()
     assert imported == "False"
-    # Ten images, one per class: well above chance (0.1) only if images and class folders agree.
-    assert float(accuracy) > 0.3, accuracy
+    # Ten images, one per class (0.37 here): well above chance (0.1) only if images and class folders agree.
+    assert float(accuracy) > 0.25, accuracy
+
+
+def test_a_sweep_starts_by_saying_where_to_watch_it():
+    local = addresses("sqlite:////runs/mlflow.db", "127.0.0.1:8265").splitlines()
+    assert local == ["MLflow: mlflow ui --backend-store-uri sqlite:////runs/mlflow.db  (then open http://127.0.0.1:5000)",
+                     "Ray dashboard: http://127.0.0.1:8265"]
+    served = addresses("http://mlflow:5000", None).splitlines()
+    assert served[0] == "MLflow: http://mlflow:5000" and "not running" in served[1]
