@@ -1,7 +1,8 @@
 """The end of a sweep: a results table (console and CSV, ranked within each IPC), the best config of
 each IPC as a ready-to-run YAML (`best_config_ipc10.yaml`; `best_config.yaml` when the sweep has no
 groups), and plots of accuracy against alpha per IPC and against IR x AEE per IPC, all logged to the
-sweep's parent run."""
+sweep's parent run. An interrupted sweep's summary says it is partial: a `partial` column in the table
+and a `# partial:` line heading each best config."""
 
 from __future__ import annotations
 
@@ -24,7 +25,20 @@ from pad_ray.sweep_config import SweepConfig, trial_config  # noqa: E402
 SCORE = "best_val_accuracy"  # selection is on validation, never on test
 
 
-def results_table(results, sweep: SweepConfig) -> pd.DataFrame:
+def _status(result) -> str:
+    if result.error:
+        return "error"
+    if not (result.metrics or {}).get("done"):  # Tune marks the last result of a trial that ended
+        return "unfinished"
+    return "done" if "final_test_accuracy" in result.metrics else "stopped"
+
+
+def unfinished(results, sweep: SweepConfig) -> int:
+    """Trials of the sweep that have not ended: interrupted ones and those never started."""
+    return sum(_status(r) == "unfinished" for r in results) + max(0, sweep.total_trials - len(results))
+
+
+def results_table(results, sweep: SweepConfig, partial: bool = False) -> pd.DataFrame:
     rows = []
     for result in results:
         metrics, params = result.metrics or {}, result.config or {}
@@ -40,8 +54,9 @@ def results_table(results, sweep: SweepConfig) -> pd.DataFrame:
             "final_test_accuracy": metrics.get("final_test_accuracy"),
             "final_test_std": metrics.get("final_test_std"),
             "iterations": metrics.get("iteration"),
-            "status": "error" if result.error else ("done" if "final_test_accuracy" in metrics else "stopped"),
+            "status": _status(result),
             "error": str(result.error).strip().splitlines()[-1][:200] if result.error else "",
+            "partial": partial,
         })
     return pd.DataFrame(rows)
 
@@ -78,22 +93,24 @@ def plot_ir_aee(table: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def summarize(results, sweep: SweepConfig, where: str, client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
+def summarize(results, sweep: SweepConfig, where: str, client: MlflowClient, parent_run_id: str,
+              partial: bool = False) -> pd.DataFrame:
     """Write the table, best config and plots to `where` (a folder or a URI) and the parent run."""
     if "://" in where:
         with tempfile.TemporaryDirectory() as folder:
-            table = _summarize(results, sweep, Path(folder), client, parent_run_id)
+            table = _summarize(results, sweep, Path(folder), client, parent_run_id, partial)
             for path in Path(folder).iterdir():
                 files.upload(path, f"{where}/{path.name}")
             return table
-    return _summarize(results, sweep, Path(where), client, parent_run_id)
+    return _summarize(results, sweep, Path(where), client, parent_run_id, partial)
 
 
-def _summarize(results, sweep: SweepConfig, out: Path, client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
+def _summarize(results, sweep: SweepConfig, out: Path, client: MlflowClient, parent_run_id: str,
+               partial: bool) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     groups = list(sweep.group_by)
     # Ranked within each group (IPC): trials of different IPCs are never compared.
-    table = results_table(results, sweep).sort_values([*groups, SCORE], ascending=[True] * len(groups) + [False],
+    table = results_table(results, sweep, partial).sort_values([*groups, SCORE], ascending=[True] * len(groups) + [False],
                                                       na_position="last")
     print(table.to_string(index=False))
     written = [out / "results.csv"]
@@ -104,7 +121,8 @@ def _summarize(results, sweep: SweepConfig, out: Path, client: MlflowClient, par
         if not ranked.empty:
             params = {name: _plain(ranked.iloc[0][name]) for name in sweep.space}
             written.append(out / f"best_config{suffix}.yaml")
-            written[-1].write_text(f"# best trial of sweep {sweep.name} by {SCORE}{suffix.replace('_', ' ')}: "
+            header = "# partial: true (the sweep was interrupted; best of the trials so far)\n" if partial else ""
+            written[-1].write_text(f"{header}# best trial of sweep {sweep.name} by {SCORE}{suffix.replace('_', ' ')}: "
                                    f"{params}\n" + yaml.safe_dump(to_dict(trial_config(sweep, params)), sort_keys=False))
         if plot_ir_aee(group, out / f"accuracy_vs_ir_aee{suffix}.png"):
             written.append(out / f"accuracy_vs_ir_aee{suffix}.png")

@@ -1,4 +1,5 @@
-"""MLflow for sweeps: one experiment per sweep, a parent run per invocation, one child run per trial.
+"""MLflow for sweeps: one experiment per sweep, one parent run per sweep (kept across resumes), one child
+run per trial.
 
 A Tune callback on the driver does the logging, in one `log_batch` call per reported result (the
 built-in callback logs metric by metric, about five times slower) and finds a trial's run by its
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
@@ -73,6 +75,34 @@ def open_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
     if tracking_uri.startswith("sqlite:///"):
         location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
+
+
+def reopen_parent(client: MlflowClient, run_id: str | None) -> str | None:
+    """The parent run of an earlier start of this sweep, running again; None when there is none (or it
+    was deleted from MLflow), and a new parent is made."""
+    if run_id is None:
+        return None
+    try:
+        if client.get_run(run_id).info.lifecycle_stage != "active":
+            return None
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    except MlflowException:
+        return None
+    return run_id
+
+
+def end_parent(client: MlflowClient, run_id: str, partial: bool) -> None:
+    """FINISHED, or KILLED with a `partial` tag when trials did not finish; so are their unfinished runs."""
+    client.set_tag(run_id, "partial", str(partial).lower())
+    if not partial:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        return
+    killed = RunStatus.to_string(RunStatus.KILLED)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    for child in client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and "
+                                                     "attributes.status = 'RUNNING'"):
+        client.set_terminated(child.info.run_id, killed)
+    client.set_terminated(run_id, killed)
 
 
 def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -144,7 +174,7 @@ class _Update:
 class MlflowSweepCallback(Callback):
     """Tune pickles its callbacks with the experiment so that a restored sweep gets them back: this
     one keeps only plain settings and updates and opens its client lazily. The parent run is read
-    from the environment because each invocation (including a resume) opens its own.
+    from the environment: the driver settles it at each start (on a resume, the one first recorded).
 
     Updates are applied in order; while the server cannot be reached they are held and retried at
     the next event, so a trial's metrics reach MLflow when the server returns. Held updates are also
