@@ -98,9 +98,8 @@ def _stage(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.file, parse_overrides(args.overrides))  # a bad file stops before Ray starts
-    from pad_ray.sweep import run_sweep, stop_on_sigterm
+    from pad_ray.sweep import run_sweep
 
-    stop_on_sigterm()
     return run_sweep(sweep, args.rerun).exit_code
 
 

@@ -179,6 +179,7 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
         rerun.move_aside(plan.move_aside)
 
     ray.init(log_to_driver=True)
+    _stop_on_sigterm()  # after ray.init: Ray's core worker installs a SIGTERM handler of its own that exits
     experts = {}
     for key, (cfg, last_epoch, count) in _expert_sets(sweep).items():
         order = distributed.difficulty_order(cfg, data)
@@ -243,7 +244,7 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
     return run
 
 
-def stop_on_sigterm() -> None:
+def _stop_on_sigterm() -> None:
     """SIGTERM (a scheduler, `kill`) stops the sweep as Ctrl-C does: Tune saves its state and the
     parent run is marked KILLED, instead of the process dying mid-write."""
     signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
@@ -257,7 +258,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="override one sweep key, e.g. --set base.distill.iterations=20")
     add_rerun_flags(parser)
     args = parser.parse_args(argv)
-    stop_on_sigterm()
     try:
         sweep = load_sweep(args.sweep, parse_overrides(args.overrides))
         return run_sweep(sweep, args.rerun).exit_code
