@@ -166,6 +166,7 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
         experts[key] = distributed.put_trajectories(store, count, last_epoch)
 
     parent = client.create_run(experiment_id, run_name=f"{sweep.name} sweep", tags={"sweep": sweep.name})
+    tracking.describe_sweep(client, parent.info.run_id, sweep)
     os.environ[PARENT_RUN_ENV] = parent.info.run_id
     max_t = evaluations_by_group(sweep)
     threads = max(1, int(sweep.trial_resources.cpu))
@@ -207,7 +208,7 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
                   f"results table and best config are in {path} but not in MLflow (rerun the same command once "
                   "the server is back to log them)", file=sys.stderr)
         return results
-    print(f"MLflow: mlflow ui --backend-store-uri {uri}", file=sys.stderr)
+    print(f"MLflow: {tracking.ui_link(uri, experiment_id)}", file=sys.stderr)
     return results
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -287,3 +288,40 @@ def warm_store(sweep_home, smoke_store) -> Path:
     """A copy of the session's smoke store where sweeps/smoke.yaml looks for it (PAD_RAY_HOME/store)."""
     shutil.copytree(smoke_store, sweep_home / "store")
     return sweep_home / "store"
+
+
+# -- waiting on real things, and a real MLflow server -----------------------------------------------
+
+def wait_for(condition, what: str, timeout: float = 600, poll: float = 0.5, alive=None):
+    """Poll a real condition (a file, a process, a server) until it holds; fail at once if the
+    process `alive` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"the process exited ({alive.returncode}) before {what}")
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_mlflow_server(home: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on localhost:`port`, a sqlite store and served artifacts under `home`; returns
+    once it accepts connections."""
+    home.mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{home}/server.db", "--artifacts-destination", str(home / "served"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def healthy():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_for(healthy, "the MLflow server", timeout=300, alive=server)
+    return server
