@@ -137,7 +137,10 @@ class GraphBudget:
     holds more than the tensors: glibc's heap grew by 1.37x the saved bytes per unrolled step
     (BENCHMARKS.md). One budget serves one model and image shape (one Distiller).
 
-    `budget_bytes` None means: what the device has free at the start of each call, times FREE_FRACTION.
+    `budget_bytes` None means: what the device has free at the first call, times FREE_FRACTION. Once,
+    not at every call: on the CPU the heap keeps the freed graphs of the last iteration (see
+    runtime.keep_freed_memory_in_heap), which the kernel no longer counts as available, so a budget
+    read again would shrink by what this process itself holds for reuse.
     """
 
     ALLOCATOR_OVERHEAD = 1.4
@@ -156,13 +159,14 @@ class GraphBudget:
                                              for measured_rows, saved in self.step_bytes.items())
 
     def kept_steps(self, plan: list[InnerStep], device: torch.device) -> int:
+        if self.budget_bytes is None:
+            self.budget_bytes = int(self.FREE_FRACTION * free_memory_bytes(device))
         if not self.step_bytes:
             return min(1, len(plan))
-        budget = self.budget_bytes if self.budget_bytes is not None else self.FREE_FRACTION * free_memory_bytes(device)
         kept, used = 0, 0.0
         for step in reversed(plan):
             used += self.estimate(len(step.indices))
-            if used > budget:
+            if used > self.budget_bytes:
                 break
             kept += 1
         return kept
