@@ -134,8 +134,9 @@ class GraphBudget:
     (0.30 GB for the CIFAR-10 ConvNet on 100 images), and the largest figure seen per batch size is the
     estimate, since DSA draws a different augmentation each step. The first call has no figure yet and
     keeps one step to get it. The estimate is multiplied by ALLOCATOR_OVERHEAD because the allocator
-    holds more than the tensors: glibc's heap grew by 1.37x the saved bytes per unrolled step
-    (BENCHMARKS.md). One budget serves one model and image shape (one Distiller).
+    holds more than the tensors: with freed memory kept in glibc's heap, as Distiller has it on the
+    CPU, RSS grew by 0.485 GB per unrolled step there (BENCHMARKS.md, glibc-heap rows, N 10 to 20),
+    1.6x the saved bytes. One budget serves one model and image shape (one Distiller).
 
     `budget_bytes` None means: what the device has free at the first call, times FREE_FRACTION. Once,
     not at every call: on the CPU the heap keeps the freed graphs of the last iteration (see
@@ -143,7 +144,7 @@ class GraphBudget:
     read again would shrink by what this process itself holds for reuse.
     """
 
-    ALLOCATOR_OVERHEAD = 1.4
+    ALLOCATOR_OVERHEAD = 1.6
     # The rest of the free memory is for what the iteration needs besides kept graphs: the reverse
     # sweep's one recomputed step, the final backward's buffers, and other processes' growth.
     FREE_FRACTION = 0.8
