@@ -200,7 +200,10 @@ def auto_gradients(net: FlatParams, images: torch.Tensor, labels: torch.Tensor, 
     kept = N is the unrolled path, kept = 0 the two-pass path: the same exact gradient either way.
     """
     if kept is None:
-        kept = (budget or GraphBudget()).kept_steps(plan, images.device)
+        if budget is None:
+            # A budget made here would be new at every call and never get past its measuring step.
+            raise ValueError("auto_gradients needs a GraphBudget that lives across iterations, or kept")
+        kept = budget.kept_steps(plan, images.device)
     if not 0 <= kept <= len(plan):
         raise ValueError(f"kept: {kept} is not between 0 and the {len(plan)} inner steps")
     head = len(plan) - kept

@@ -147,10 +147,12 @@ def test_auto_gives_the_unrolled_loss_and_gradients_at_every_split(selection, ds
                                        msg=f"{name}, kept {kept}")
 
 
-def test_a_split_outside_the_plan_is_refused():
+def test_a_split_outside_the_plan_or_no_way_to_choose_one_is_refused():
     problem = _problem("depth", False)
     with pytest.raises(ValueError, match="kept: 6 is not between 0 and the 5 inner steps"):
         auto_gradients(*problem, kept=6)
+    with pytest.raises(ValueError, match="needs a GraphBudget"):
+        auto_gradients(*problem)
 
 
 def test_auto_measures_a_kept_step_first_then_keeps_what_the_budget_holds():
