@@ -52,8 +52,6 @@ def run_config(p: dict):
 
 
 def child(p: dict) -> dict:
-    import torch
-
     from pad_ray import stages
     from pad_ray.distill import Distiller, distill
     from pad_ray.evaluate import Scores, random_real_subset

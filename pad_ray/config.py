@@ -43,6 +43,9 @@ class DataConfig(Section):
     # Small CPU runs take a per-class subset of train and a random subset of test.
     train_per_class: int | None = Field(None, ge=2)
     test_size: int | None = Field(None, ge=1)
+    # The split (train and test subsets, validation split) and the EL2N runs that order it: what the
+    # store holds depends on it, so it is kept apart from the run's `seed`.
+    seed: int = 0
 
 
 class ModelConfig(Section):
@@ -98,6 +101,7 @@ class ExpertConfig(Section):
     gsam_alpha: float = Field(0.3, ge=0)
     adaptive: bool = True
     dsa: bool = True
+    seed: int = 0  # initial weights and minibatches of every expert; part of the expert set's identity
 
 
 class DistillConfig(Section):
@@ -123,7 +127,9 @@ class DistillConfig(Section):
     eval_every: int = Field(500, ge=1)
     eval_nets: int = Field(1, ge=1)  # nets per evaluation during distillation (DATM uses 1)
     pix_init: Literal["correct", "real", "noise"] = "correct"
-    gradient: Literal["unrolled", "constant_memory"] = "unrolled"
+    # pad_ray.matching.GRADIENT_PATHS; auto keeps as many trailing steps' graphs as memory_budget_gb holds.
+    gradient: Literal["unrolled", "constant_memory", "auto"] = "unrolled"
+    memory_budget_gb: float | None = Field(None, gt=0)  # for auto's kept graphs; None: what is free, less a margin
     dsa: bool = True
 
     @model_validator(mode="after")
@@ -152,9 +158,10 @@ class EvalConfig(Section):
     batch_size: int = Field(128, ge=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
+    # The first listed is a sweep trial's headline final_test_accuracy; every one is reported.
     models: tuple[Literal[
         "convnet", "convnet_bn", "resnet18", "resnet18_bn", "vgg11", "alexnet", "lenet", "mlp"
-    ], ...] = ("convnet",)
+    ], ...] = Field(("convnet",), min_length=1)
     dsa: bool = True
 
 
@@ -169,6 +176,8 @@ class ResourcesConfig(Section):
 
 class RunConfig(Section):
     preset: str | None = None
+    # Distillation and evaluation only: runs that differ in `seed` share their split and experts
+    # (data.seed, experts.seed).
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = "runs"

@@ -83,7 +83,7 @@ def difficulty_order(cfg: RunConfig, data: Dataset) -> list[torch.Tensor]:
     train = ray.put(data.train)
     options = {"num_cpus": cfg.resources.cpus_per_worker, "num_gpus": 1 if use_gpu(cfg) else 0}
     runs = [_el2n_task.options(**options).remote(train, data.num_classes, to_dict(cfg),
-                                                  derive_seed(cfg.seed, "el2n", k), cfg.resources.cpus_per_worker)
+                                                  derive_seed(cfg.data.seed, "el2n", k), cfg.resources.cpus_per_worker)
             for k in range(cfg.difficulty.seeds)]
     order = order_by_score(torch.stack(ray.get(runs)).mean(dim=0), data.train.labels, data.num_classes)
     cache.save(order)

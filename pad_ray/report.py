@@ -7,6 +7,7 @@ and a `# partial:` line heading each best config."""
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +17,7 @@ matplotlib.use("Agg")  # files only: sweeps run on headless nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pad_ray import files  # noqa: E402
@@ -23,6 +25,7 @@ from pad_ray.config import to_dict  # noqa: E402
 from pad_ray.sweep_config import SweepConfig, trial_config  # noqa: E402
 
 SCORE = "best_val_accuracy"  # selection is on validation, never on test
+SYNTHETIC_ARTIFACT = "synthetic_best.npz"  # what a finished or stopped trial's run holds (tracking.py)
 
 
 def _status(result) -> str:
@@ -39,6 +42,10 @@ def unfinished(results, sweep: SweepConfig) -> int:
 
 
 def results_table(results, sweep: SweepConfig, partial: bool = False) -> pd.DataFrame:
+    # A column per evaluated architecture (final_test_accuracy/resnet18, ...), in the order they ran.
+    per_architecture = list(dict.fromkeys(
+        key for result in results for key in (result.metrics or {})
+        if key.startswith(("final_test_accuracy/", "final_test_std/"))))
     rows = []
     for result in results:
         metrics, params = result.metrics or {}, result.config or {}
@@ -46,13 +53,15 @@ def results_table(results, sweep: SweepConfig, partial: bool = False) -> pd.Data
         if params:
             cfg = trial_config(sweep, params)
             pad = {"ipc": cfg.distill.ipc, "alpha": cfg.distill.alpha, "ir": cfg.schedule.init_ratio,
-                   "aee": cfg.schedule.add_end_epoch}
+                   "aee": cfg.schedule.add_end_epoch, "seed": cfg.seed}
         rows.append({
+            "trial_id": metrics.get("trial_id", ""),
             **pad,
-            **{key: params.get(key) for key in sweep.space},
+            **{key: params.get(key) for key in sweep.trial_keys},
             SCORE: metrics.get(SCORE),
             "final_test_accuracy": metrics.get("final_test_accuracy"),
             "final_test_std": metrics.get("final_test_std"),
+            **{key: metrics.get(key) for key in per_architecture},
             "iterations": metrics.get("iteration"),
             "status": _status(result),
             "error": str(result.error).strip().splitlines()[-1][:200] if result.error else "",
@@ -112,14 +121,23 @@ def _summarize(results, sweep: SweepConfig, out: Path, client: MlflowClient, par
     # Ranked within each group (IPC): trials of different IPCs are never compared.
     table = results_table(results, sweep, partial).sort_values([*groups, SCORE], ascending=[True] * len(groups) + [False],
                                                       na_position="last")
-    print(table.to_string(index=False))
+    table = _with_mlflow_runs(table, sweep, client, parent_run_id)
+    print(table.drop(columns=["mlflow_run_id", "distilled_set_uri"]).to_string(index=False))
     written = [out / "results.csv"]
     table.to_csv(written[0], index=False)
+    summary = {"trials": len(table), **{f"trials_{status}": int((table["status"] == status).sum())
+                                        for status in ("done", "stopped", "error", "unfinished")}}
     for key, group in (table.groupby(groups, dropna=False) if groups else [((), table)]):
         suffix = "".join(f"_{name}{_plain(value)}" for name, value in zip(groups, key if groups else ()))
         ranked = group.dropna(subset=[SCORE])
+        # The parent run's own metrics, so that its charts in MLflow say how each IPC went.
+        summary[f"trials{suffix.replace('_', '/', 1)}"] = len(group)
         if not ranked.empty:
-            params = {name: _plain(ranked.iloc[0][name]) for name in sweep.space}
+            summary[f"{SCORE}{suffix.replace('_', '/', 1)}"] = float(ranked.iloc[0][SCORE])
+            if pd.notna(ranked.iloc[0]["final_test_accuracy"]):
+                summary[f"best_trial_test_accuracy{suffix.replace('_', '/', 1)}"] = float(
+                    ranked.iloc[0]["final_test_accuracy"])
+            params = {name: _plain(ranked.iloc[0][name]) for name in sweep.trial_keys}
             written.append(out / f"best_config{suffix}.yaml")
             header = "# partial: true (the sweep was interrupted; best of the trials so far)\n" if partial else ""
             written[-1].write_text(f"{header}# best trial of sweep {sweep.name} by {SCORE}{suffix.replace('_', ' ')}: "
@@ -128,9 +146,23 @@ def _summarize(results, sweep: SweepConfig, out: Path, client: MlflowClient, par
             written.append(out / f"accuracy_vs_ir_aee{suffix}.png")
     if plot_alpha(table, out / "accuracy_vs_alpha.png"):
         written.append(out / "accuracy_vs_alpha.png")
+    client.log_batch(parent_run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in summary.items()])
     for path in written:
         client.log_artifact(parent_run_id, str(path))
     return table
+
+
+def _with_mlflow_runs(table: pd.DataFrame, sweep: SweepConfig, client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
+    """Each trial's MLflow run id and the URI of its distilled set, found by the trial id the callback tags."""
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    runs = {run.data.tags["trial_id"]: run
+            for run in client.search_runs([experiment_id], f"tags.sweep = '{sweep.name}'", max_results=50000)
+            if "trial_id" in run.data.tags}
+    found = [runs.get(trial_id) for trial_id in table["trial_id"]]
+    return table.assign(
+        mlflow_run_id=[run.info.run_id if run else "" for run in found],
+        distilled_set_uri=[f"{run.info.artifact_uri}/{SYNTHETIC_ARTIFACT}" if run and status != "error" else ""
+                           for run, status in zip(found, table["status"])])
 
 
 def _plain(value):

@@ -33,7 +33,7 @@ def load_data(cfg: RunConfig, max_ipc: int | None = None) -> datasets.Dataset:
     d = cfg.data
     if cfg.difficulty.index_file and not Path(cfg.difficulty.index_file).is_file():
         raise ConfigError(f"difficulty.index_file: file not found: {cfg.difficulty.index_file}")
-    data = datasets.prepare(d.dataset, d.root, val_fraction=d.val_fraction, zca=d.zca, seed=cfg.seed,
+    data = datasets.prepare(d.dataset, d.root, val_fraction=d.val_fraction, zca=d.zca, seed=d.seed,
                             train_per_class=d.train_per_class, test_size=d.test_size)
     smallest = int(torch.bincount(data.train.labels, minlength=data.num_classes).min())
     ipc = max_ipc or cfg.distill.ipc
@@ -57,7 +57,7 @@ def difficulty_order(cfg: RunConfig, data: datasets.Dataset, device: torch.devic
         order = load_index_file(cfg.difficulty.index_file, train.index, train.labels, data.num_classes)
     else:
         seeds = range(cfg.difficulty.seeds)
-        runs = [el2n_run(train, data.num_classes, cfg.model, cfg.difficulty, derive_seed(cfg.seed, "el2n", k), device)
+        runs = [el2n_run(train, data.num_classes, cfg.model, cfg.difficulty, derive_seed(cfg.data.seed, "el2n", k), device)
                 for k in tqdm(seeds, desc="EL2N seeds", disable=not progress)]
         order = order_by_score(torch.stack(runs).mean(dim=0), train.labels, data.num_classes)
     cache.save(order)
@@ -86,7 +86,7 @@ def produce_expert(cfg: RunConfig, store: TrajectoryStore, index: int, splits: E
     accuracy per epoch and its final train, validation and test accuracy are stored beside it:
     distillation cannot beat the trajectories it imitates, so weak experts must be visible."""
     run = ExpertRun(splits.train, order, num_classes, cfg.model, cfg.experts, cfg.schedule,
-                    derive_seed(cfg.seed, "expert", index), device)
+                    derive_seed(cfg.experts.seed, "expert", index), device)
     partial = store.load_partial(index)
     resumed_at: list[int] = []
     history: dict[str, list[float]] = {"loss": [], "val_accuracy": []}

@@ -40,7 +40,7 @@ from pad_ray.data import Dataset
 from pad_ray.distill import Distiller, distill
 from pad_ray.errors import input_error, input_error_types
 from pad_ray.scheduling import GroupedASHA
-from pad_ray.sweep_config import SweepConfig, evaluations_by_group, finite_grid, load_sweep, trial_config
+from pad_ray.sweep_config import REPEAT, SweepConfig, evaluations_by_group, finite_grid, load_sweep, trial_config
 from pad_ray.trajectories import TrajectoryStore
 
 PARENT_RUN_ENV = "PAD_RAY_MLFLOW_PARENT_RUN"
@@ -49,14 +49,14 @@ INTERRUPTED = 130  # the exit status of a sweep stopped before all its trials en
 
 # -- the trial --------------------------------------------------------------------------------
 
-def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: Dataset,
+def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: dict[int, ray.ObjectRef],
               experts: dict[str, list[ray.ObjectRef]], threads: int) -> None:
-    """One PAD distillation, reporting (and checkpointing) at every evaluation. `data` arrives through
-    `tune.with_parameters` (one object-store copy for all trials); trajectories are fetched zero-copy."""
+    """One PAD distillation, reporting (and checkpointing) at every evaluation. `data` holds one
+    object-store copy of the prepared dataset per data seed; trajectories are fetched zero-copy."""
     torch.set_num_threads(threads)
     cfg = trial_config(SweepConfig.model_validate(sweep), params)
     device = distributed.task_device()
-    dataset = data
+    dataset = ray.get(data[cfg.data.seed])
     store_key = TrajectoryStore(cfg.store_dir, cfg).key
     trajectories = ray.get(experts[store_key])
 
@@ -85,10 +85,14 @@ def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: Dataset,
 
 
 def _final_evaluation(cfg: RunConfig, data: Dataset, best, device: torch.device) -> dict[str, float]:
-    """`evaluate.num_nets` fresh nets on the best set (chosen on validation)."""
-    evaluation = stages.final_evaluation(cfg, data, best, device)[cfg.model.name]
-    return {"final_test_accuracy": evaluation["test_mean"], "final_test_std": evaluation["test_std"],
-            "final_val_accuracy": evaluation["val_mean"]}
+    """`evaluate.num_nets` fresh nets of each architecture of `evaluate.models` on the best set (chosen
+    on validation), as `final_test_accuracy/resnet18`, ...; the first architecture listed is also the
+    trial's headline `final_test_accuracy`."""
+    evaluations = stages.final_evaluation(cfg, data, best, device)
+    named = {"": evaluations[cfg.evaluate.models[0]], **{f"/{name}": e for name, e in evaluations.items()}}
+    return {f"{metric}{suffix}": evaluation[field] for suffix, evaluation in named.items()
+            for metric, field in (("final_test_accuracy", "test_mean"), ("final_test_std", "test_std"),
+                                  ("final_val_accuracy", "val_mean"))}
 
 
 # -- the driver -------------------------------------------------------------------------------
@@ -101,6 +105,16 @@ def _absolute_base(sweep: SweepConfig) -> SweepConfig:
     if cfg.difficulty.index_file:
         base["difficulty"] = {**sweep.base.get("difficulty", {}), "index_file": cfg.difficulty.index_file}
     return sweep.model_copy(update={"base": base, "storage_path": absolute(sweep.storage_path)})
+
+
+def _load_splits(sweep: SweepConfig) -> dict[int, Dataset]:
+    """One prepared dataset per data seed of the space: the split is what the experts train on."""
+    by_seed: dict[int, list[RunConfig]] = {}
+    for params in finite_grid(sweep, 0) + finite_grid(sweep, 1):
+        cfg = trial_config(sweep, params)
+        by_seed.setdefault(cfg.data.seed, []).append(cfg)
+    return {seed: stages.load_data(configs[0], max_ipc=max(c.distill.ipc for c in configs))
+            for seed, configs in by_seed.items()}
 
 
 def _expert_sets(sweep: SweepConfig) -> dict[str, tuple[RunConfig, int, int]]:
@@ -126,7 +140,15 @@ def _param_space(sweep: SweepConfig) -> dict[str, Any]:
             space[key] = samplers[axis.kind](list(axis.values))
         else:
             space[key] = getattr(tune, axis.kind)(*axis.values)
+    if sweep.num_samples > 1 and sweep.search.kind == "grid":
+        # Tune's own repeats would run identical trials; an index gives each repeat its own seed. Under
+        # random and optuna search num_samples is the number of draws instead (_tune_samples).
+        space[REPEAT] = tune.grid_search(list(range(sweep.num_samples)))
     return space
+
+
+def _tune_samples(sweep: SweepConfig) -> int:
+    return 1 if sweep.search.kind == "grid" else sweep.num_samples
 
 
 def _search_alg(sweep: SweepConfig, seed: int):
@@ -164,7 +186,7 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
     plan = rerun.plan(sweep, path, rerun_as, tune.Tuner.can_restore(path))
     sweep = plan.sweep
     first = trial_config(sweep, finite_grid(sweep)[0])
-    data = stages.load_data(first, max_ipc=max(trial_config(sweep, p).distill.ipc for p in finite_grid(sweep)))
+    splits = _load_splits(sweep)
     for key, where in (("storage_path", sweep.storage_path), ("base.output_dir", first.output_dir),
                        ("base.store_dir", first.store_dir)):
         files.check_writable(where, key)
@@ -182,21 +204,26 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
     _stop_on_sigterm()  # after ray.init: Ray's core worker installs a SIGTERM handler of its own that exits
     experts = {}
     for key, (cfg, last_epoch, count) in _expert_sets(sweep).items():
-        order = distributed.difficulty_order(cfg, data)
-        store = distributed.generate_experts(cfg, data, order)
+        order = distributed.difficulty_order(cfg, splits[cfg.data.seed])
+        store = distributed.generate_experts(cfg, splits[cfg.data.seed], order)
         quality = store.quality(count)
-        print(f"IR {cfg.schedule.init_ratio:g}, AEE {cfg.schedule.add_end_epoch}: {quality.line()}", file=sys.stderr)
+        print(f"IR {cfg.schedule.init_ratio:g}, AEE {cfg.schedule.add_end_epoch}, data seed {cfg.data.seed}, "
+              f"expert seed {cfg.experts.seed}: {quality.line()}", file=sys.stderr)
         tracking.log_expert_set(client, experiment_id, sweep.name, cfg, quality)
         experts[key] = distributed.put_trajectories(store, count, last_epoch)
 
-    parent_id = tracking.reopen_parent(client, plan.parent_run_id) or client.create_run(
-        experiment_id, run_name=f"{sweep.name} sweep", tags={"sweep": sweep.name}).info.run_id
+    parent_id = tracking.reopen_parent(client, plan.parent_run_id)
+    if parent_id is None:
+        parent_id = client.create_run(experiment_id, run_name=f"{sweep.name} sweep",
+                                      tags={"sweep": sweep.name}).info.run_id
+        tracking.describe_sweep(client, parent_id, sweep, rerun.fingerprint(sweep))
     rerun.write_record(path, sweep, parent_id)
     os.environ[PARENT_RUN_ENV] = parent_id
     max_t = evaluations_by_group(sweep)
     threads = max(1, int(sweep.trial_resources.cpu))
     trainable = tune.with_resources(
-        tune.with_parameters(pad_trial, sweep=sweep.model_dump(mode="json"), data=data, experts=experts,
+        tune.with_parameters(pad_trial, sweep=sweep.model_dump(mode="json"),
+                             data={seed: ray.put(split) for seed, split in splits.items()}, experts=experts,
                              threads=threads),
         {"cpu": sweep.trial_resources.cpu, "gpu": sweep.trial_resources.gpu})
     if tune.Tuner.can_restore(path):
@@ -213,7 +240,7 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
                 scheduler=GroupedASHA(sweep.group_by, max_t, metric=sweep.asha.metric, mode=sweep.asha.mode,
                                       grace_period=sweep.asha.grace_period,
                                       reduction_factor=sweep.asha.reduction_factor),
-                num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials or None,
+                num_samples=_tune_samples(sweep), max_concurrent_trials=sweep.max_concurrent_trials or None,
                 search_alg=_search_alg(sweep, seed)),
             run_config=tune.RunConfig(
                 name=sweep.name, storage_path=sweep.storage_path, callbacks=[callback],
@@ -240,7 +267,7 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
                   f"results table and best config are in {path} but not in MLflow (rerun the same command once "
                   "the server is back to log them)", file=sys.stderr)
         return run
-    print(f"MLflow: mlflow ui --backend-store-uri {uri}", file=sys.stderr)
+    print(f"MLflow: {tracking.ui_link(uri, experiment_id)}", file=sys.stderr)
     return run
 
 

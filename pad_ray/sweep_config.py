@@ -22,6 +22,9 @@ from pad_ray.config import (PRESETS, ConfigError, RunConfig, Section, build_conf
 # The four PAD knobs by their short names; any other dotted config key may be swept too.
 SPACE_ALIASES = {"ipc": "distill.ipc", "alpha": "distill.alpha", "ir": "schedule.init_ratio",
                  "aee": "schedule.add_end_epoch"}
+# The sweep driver's own space key when num_samples > 1: which repeat of a config a trial is. Repeat 0
+# runs with the config's `seed`, each other repeat with a seed derived from it and its index.
+REPEAT = "repeat"
 FINITE_KINDS = ("grid", "choice")
 SAMPLED_KINDS = ("uniform", "loguniform", "quniform", "randint")
 OPTUNA_MAX_CONCURRENT = 4
@@ -112,6 +115,11 @@ class SweepConfig(Section):
                 points *= len(axis.values) if axis.kind == "grid" else 1
         return points * self.num_samples
 
+    @property
+    def trial_keys(self) -> tuple[str, ...]:
+        """The keys of a trial's params: the space's, and the repeat index where there are repeats."""
+        return (*self.space, *((REPEAT,) if self.num_samples > 1 and self.search.kind == "grid" else ()))
+
 
 def _parse_axis(spec: Any) -> dict[str, Any] | None:
     """An axis in the schema's form, or None when `spec` is neither a list nor `{kind: values}`."""
@@ -148,7 +156,16 @@ def trial_raw(sweep: SweepConfig, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial_config(sweep: SweepConfig, params: dict[str, Any], source: str = "sweep") -> RunConfig:
-    return build_config(trial_raw(sweep, params), source)
+    """The run config of one trial. Repeats share everything but the distillation seed, so they share
+    their split and experts (data.seed, experts.seed) and still differ."""
+    params = dict(params)
+    repeat = int(params.pop(REPEAT, 0))
+    cfg = build_config(trial_raw(sweep, params), source)
+    if not repeat:
+        return cfg
+    from pad_ray.runtime import derive_seed  # imports torch, which checking a sweep file does not need
+
+    return cfg.model_copy(update={"seed": derive_seed(cfg.seed, REPEAT, repeat)})
 
 
 def finite_grid(sweep: SweepConfig, bound: int = 0) -> list[dict[str, Any]]:
@@ -198,9 +215,12 @@ def _space_problems(sweep: SweepConfig, axes_dropped: bool) -> list[str]:
     for key, axis in sweep.space.items():
         path = sweep.path_of(key)
         section = path.split(".")[0]
-        if section == "data":
-            problems.append(f"space.{key}: a sweep runs on one dataset; set data keys in base")
-        elif not axis.finite and section not in ("distill", "evaluate"):
+        if key == REPEAT:
+            problems.append(f"space.{key}: repeats are num_samples (each repeat gets its own seed), not a space key")
+        elif section == "data" and path != "data.seed":
+            problems.append(f"space.{key}: a sweep runs on one dataset; set data keys in base (only data.seed "
+                            "may be swept)")
+        elif not axis.finite and section not in ("distill", "evaluate", "seed"):
             problems.append(f"space.{key}: {axis.kind} is a distribution, but {path} selects an expert set, "
                             "so it must be a finite list of values (grid or choice)")
         elif not axis.finite and key in sweep.asha.group_by:

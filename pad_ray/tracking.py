@@ -8,8 +8,10 @@ built-in callback logs metric by metric, about five times slower) and finds a tr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from PIL import Image
 from ray.tune import Callback
 
 from pad_ray import files
@@ -38,6 +42,9 @@ _PER_STEP = ("loss", "skipped", "syn_lr", "start_epoch")
 _EVALUATION_METRIC = "val_accuracy"  # reported at every evaluation, stepped by iteration
 _TAGS = ("expert_store_key",)  # reported strings that become tags of the trial's run
 _MAX_METRICS = 1000  # MLflow's limit per log_batch call
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview ("Traces 0") instead of the runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+_PAD_AXES = ("ipc", "alpha", "ir", "aee")
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -70,11 +77,33 @@ def open_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
     except Exception as exc:  # noqa: BLE001 - any failure to reach the store is the same user error
         raise ConfigError(f"mlflow.tracking_uri: cannot reach {tracking_uri}: {str(exc).splitlines()[0]}") from None
     if found is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in found.tags:  # made by an older pad_ray or by hand
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///"):
         location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+def ui_link(tracking_uri: str, experiment_id: str) -> str:
+    """Where a person sees the sweep: the experiment's runs (`workflowType` keeps MLflow 3's UI off its
+    GenAI pages), on the tracking server or on a local `mlflow ui` over the same store."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
+
+
+def trial_run_name(cfg: RunConfig, params: dict[str, Any]) -> str:
+    """`ipc10 alpha0.25 ir0.5 aee20`, then any other swept value by its last key part, so that MLflow's
+    runs table reads without opening each run."""
+    values = {"ipc": cfg.distill.ipc, "alpha": cfg.distill.alpha, "ir": cfg.schedule.init_ratio,
+              "aee": cfg.schedule.add_end_epoch}
+    values.update((key.rsplit(".", 1)[-1], value) for key, value in params.items() if key not in _PAD_AXES)
+    return " ".join(f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}"
+                    for name, value in values.items())
 
 
 def reopen_parent(client: MlflowClient, run_id: str | None) -> str | None:
@@ -133,13 +162,48 @@ def log_expert_set(client: MlflowClient, experiment_id: str, sweep_name: str, cf
             metrics += [Metric(f"expert_{i}/{name}", float(v), now, epoch + 1)
                         for epoch, v in enumerate((expert or {}).get(name, []))]
     params = {"num_experts": len(quality.experts), "ir": cfg.schedule.init_ratio,
-              "aee": cfg.schedule.add_end_epoch,
+              "aee": cfg.schedule.add_end_epoch, "data.seed": cfg.data.seed,
               **flat_params({"experts": to_dict(cfg.experts), "schedule": to_dict(cfg.schedule)})}
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     for start in range(0, len(metrics), _MAX_METRICS):
         client.log_batch(run_id, metrics=metrics[start:start + _MAX_METRICS])
     client.set_terminated(run_id)
     return run_id
+
+
+def software_versions() -> dict[str, str]:
+    """What produced a result: pad_ray and the libraries whose behaviour it depends on, and pad_ray's git
+    commit when it runs from a checkout (a `ray job submit` working dir has none)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("pad_ray", "ray", "torch", "torchvision", "mlflow"):
+        try:
+            found[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            found[f"version.{package}"] = "not installed"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10)
+        found["git_commit"] = commit.stdout.strip() if commit.returncode == 0 else "unknown"
+    except OSError:
+        found["git_commit"] = "unknown"
+    return found
+
+
+def describe_sweep(client: MlflowClient, run_id: str, sweep: SweepConfig, fingerprint: str = "") -> None:
+    """The parent run holds what the sweep was: its resolved file, its search space as params, and the
+    software (and its fingerprint when known), so a run in the UI can be told apart from a rerun."""
+    resolved = sweep.model_dump(mode="json")
+    params = {f"space.{key}": json.dumps(axis) for key, axis in resolved["space"].items()}
+    params.update(num_samples=sweep.num_samples, group_by=",".join(sweep.group_by), asha_metric=sweep.asha.metric)
+    tags = {**software_versions(), **({"sweep_fingerprint": fingerprint} if fingerprint else {})}
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "sweep.yaml"
+        path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        client.log_artifact(run_id, str(path))
 
 
 @dataclass
@@ -230,6 +294,14 @@ class MlflowSweepCallback(Callback):
         stopped_early = (trial.last_result or {}).get("training_iteration", 0) < max_t
         self._record(trial, "complete", artifacts=artifacts, stopped_early=stopped_early)
 
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        # The set at every evaluation, stepped by iteration: MLflow shows it evolving, also for trials
+        # that ASHA stops or that fail later. Tune has processed this checkpoint's result already.
+        grids = _copies_of(checkpoint, ("synthetic.png",))
+        if grids:
+            step = int((trial.last_result or {}).get("iteration", 0))
+            self._record(trial, "grid", path=grids[0], step=step)
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self._record(trial, "error", reason=_error_reason(trial))
 
@@ -302,6 +374,12 @@ class MlflowSweepCallback(Callback):
             self._batch(run_id, metrics=update.payload["metrics"], tags=update.payload.get("tags", ()))
             if step is not None:
                 self._logged[update.trial_id] = step
+        elif update.kind == "grid":
+            path = Path(update.payload["path"])
+            if path.is_file():  # gone when an earlier invocation logged it before its held file was rewritten
+                with Image.open(path) as image:
+                    self.client.log_image(run_id, image.copy(), key="synthetic", step=update.payload["step"])
+                shutil.rmtree(path.parent, ignore_errors=True)
         elif update.kind == "complete":
             for path in update.payload["artifacts"]:
                 self.client.log_artifact(run_id, path)
@@ -327,12 +405,13 @@ class MlflowSweepCallback(Callback):
         else:
             cfg = trial_config(SweepConfig.model_validate(self.sweep), update.config)
             run_id = self.client.create_run(self.experiment_id, tags={
-                MLFLOW_PARENT_RUN_ID: os.environ[self.parent_env], MLFLOW_RUN_NAME: update.trial_name,
+                MLFLOW_PARENT_RUN_ID: os.environ[self.parent_env], MLFLOW_RUN_NAME: trial_run_name(cfg, update.config),
                 "trial_id": update.trial_id, "sweep": self.sweep_name}).info.run_id
             pad = {"ipc": cfg.distill.ipc, "alpha": cfg.distill.alpha, "ir": cfg.schedule.init_ratio,
                    "aee": cfg.schedule.add_end_epoch}
-            params = {**{f"config.{k}": v for k, v in flat_params(to_dict(cfg)).items()},
-                      **{k: str(v) for k, v in {**pad, **update.config}.items()}}
+            # The swept values first: MLflow's run page lists params in the order they were logged.
+            params = {**{k: str(v) for k, v in {**pad, **update.config}.items()},
+                      **{f"config.{k}": v for k, v in flat_params(to_dict(cfg)).items()}}
             self._batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         self._runs[update.trial_id] = run_id
         return run_id
@@ -349,14 +428,19 @@ class MlflowSweepCallback(Callback):
 
 
 def _artifacts_of(checkpoint) -> list[str]:
-    """Local copies of a checkpoint's artefacts (the storage may be remote, and Tune prunes old
-    checkpoints), kept until they are logged."""
+    """Local copies of a checkpoint's artefacts, kept until they are logged."""
+    return _copies_of(checkpoint, (".png", ".npz", ".json", ".yaml", ".safetensors"))
+
+
+def _copies_of(checkpoint, endings: tuple[str, ...]) -> list[str]:
+    """Local copies of the checkpoint's files whose names end with one of `endings` (the storage may be
+    remote, and Tune prunes old checkpoints before a held update is logged)."""
     if checkpoint is None:
         return []
     keep = Path(tempfile.mkdtemp(prefix="pad_ray_artifacts_"))
     with checkpoint.as_directory() as folder:
         for path in sorted(Path(folder).iterdir()):
-            if path.suffix in (".png", ".npz", ".json", ".yaml"):
+            if path.name.endswith(endings):
                 shutil.copy2(path, keep / path.name)
     return [str(p) for p in sorted(keep.iterdir())]
 

@@ -1,8 +1,9 @@
 """The durable, content-addressed store of difficulty orders and expert trajectories.
 
 An expert set lives in a directory named by a hash of everything that determines its experts
-(data and preprocessing, model, difficulty, schedule, expert optimiser and epochs, seed), so no two
-runs train the same experts twice and a run asking for more experts trains only the missing ones.
+(data, preprocessing and split seed, model, difficulty, schedule, expert optimiser, epochs and
+seed; never the distillation seed), so no two runs train the same experts twice and a run asking
+for more experts trains only the missing ones.
 Each expert is one `.npy` [epochs + 1, P] plus a JSON sidecar with its checksum, written atomically;
 a file whose checksum does not match is treated as missing.
 
@@ -30,26 +31,25 @@ def _digest(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def difficulty_identity(cfg: RunConfig) -> dict[str, Any]:
-    data = to_dict(cfg.data)
-    data.pop("root")  # where the files are does not change what they hold
-    # The test subset's size does not change the training split, but drawing one does: it is drawn
-    # from the same generator before the validation split (data.prepare).
-    data.pop("test_size")  # the test subset is drawn apart from the training split
-    identity = {"data": data, "model": to_dict(cfg.model), "seed": cfg.seed}
-    if cfg.difficulty.index_file:
-        identity["index_file_sha256"] = files.sha256(Path(cfg.difficulty.index_file))  # a Path: read from local disk
-    else:
-        identity["difficulty"] = to_dict(cfg.difficulty)
-    return identity
-
-
 # Bumped whenever the networks' parameter layout changes, so that stores of the old layout are not reused.
 MODEL_LAYOUT = 2  # 2: 28x28 inputs padded to 32x32 in the ConvNet's first layer
 
 
+def difficulty_identity(cfg: RunConfig) -> dict[str, Any]:
+    data = to_dict(cfg.data)  # data.seed included: it draws the split and seeds the EL2N runs
+    data.pop("root")  # where the files are does not change what they hold
+    data.pop("test_size")  # the test subset is drawn from a generator of its own (data.prepare)
+    identity = {"data": data, "model": to_dict(cfg.model)}
+    if cfg.difficulty.index_file:
+        identity["index_file_sha256"] = files.sha256(Path(cfg.difficulty.index_file))  # a Path: read from local disk
+    else:
+        # EL2N trains the agent model, so its scores change with the model's parameter layout too.
+        identity.update(difficulty=to_dict(cfg.difficulty), model_layout=MODEL_LAYOUT)
+    return identity
+
+
 def expert_identity(cfg: RunConfig) -> dict[str, Any]:
-    experts = to_dict(cfg.experts)
+    experts = to_dict(cfg.experts)  # experts.seed included
     experts.pop("num_experts")  # more experts extend the same set
     return {**difficulty_identity(cfg), "schedule": to_dict(cfg.schedule), "experts": experts,
             "model_layout": MODEL_LAYOUT}

@@ -75,7 +75,7 @@ def tiny():
     order = [torch.nonzero(data.train.labels == c).flatten() for c in range(3)]
     trajectories = [
         train_expert(data.train, order, 3, cfg.model, cfg.experts, cfg.schedule,
-                     derive_seed(cfg.seed, "expert", i), torch.device("cpu"))
+                     derive_seed(cfg.experts.seed, "expert", i), torch.device("cpu"))
         for i in range(cfg.experts.num_experts)
     ]
     return cfg, data, order, trajectories
@@ -214,7 +214,7 @@ class RayCluster:
         return left
 
 
-def start_ray_cluster(dashboard: bool = False, num_cpus: int = 2) -> RayCluster:
+def start_ray_cluster(dashboard: bool = False, num_cpus: int = 2, num_gpus: int = 0) -> RayCluster:
     import ray
 
     # Short: Ray's unix socket paths under the temp dir must fit in 107 bytes.
@@ -224,7 +224,7 @@ def start_ray_cluster(dashboard: bool = False, num_cpus: int = 2) -> RayCluster:
     # Token auth off for test clusters: a process that imported Ray before RAY_AUTH_MODE was set (pytest
     # itself) cannot join a token cluster by address. Free ports and the temp dir keep them apart.
     env.update({"RAY_TMPDIR": str(cluster.temp_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
-    command = [RAY_BIN, "start", "--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+    command = [RAY_BIN, "start", "--head", f"--port={gcs}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
                f"--temp-dir={cluster.temp_dir}", f"--include-dashboard={str(dashboard).lower()}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"]
@@ -243,8 +243,8 @@ def start_ray_cluster(dashboard: bool = False, num_cpus: int = 2) -> RayCluster:
     return cluster
 
 
-def _ray_cluster(monkeypatch, dashboard: bool):
-    cluster = start_ray_cluster(dashboard=dashboard)
+def _ray_cluster(monkeypatch, dashboard: bool, num_gpus: int = 0):
+    cluster = start_ray_cluster(dashboard=dashboard, num_gpus=num_gpus)
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(key, raising=False)
     for key in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
@@ -270,6 +270,15 @@ def ray_cluster(monkeypatch):
 def ray_cluster_with_dashboard(monkeypatch):
     """The same, with the dashboard (state API, job submission)."""
     yield from _ray_cluster(monkeypatch, dashboard=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster_with_a_gpu():
+    """A cluster for this module whose node offers one GPU: the real one on a GPU machine, a nominal one
+    elsewhere. Never `ray.init(address="local")` in the test process: the token-auth cluster it starts
+    leaves the process unable to create Ray Train's controller on any later test's cluster."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield from _ray_cluster(monkeypatch, dashboard=False, num_gpus=1)
 
 
 # -- the smoke sweep's store, trained once ------------------------------------------------------------
@@ -303,3 +312,26 @@ def warm_store(sweep_home, smoke_store) -> Path:
     """A copy of the session's smoke store where sweeps/smoke.yaml looks for it (PAD_RAY_HOME/store)."""
     shutil.copytree(smoke_store, sweep_home / "store")
     return sweep_home / "store"
+
+
+# -- a real MLflow server -----------------------------------------------------------------------
+
+def start_mlflow_server(home: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on localhost:`port`, a sqlite store and served artifacts under `home`; returns
+    once it accepts connections."""
+    home.mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{home}/server.db", "--artifacts-destination", str(home / "served"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def healthy():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_for(healthy, "the MLflow server", timeout=300, alive=server)
+    return server

@@ -82,6 +82,8 @@ def test_config_accepts_exactly_the_loadable_datasets():
         ({"data": {"dataset": "mnist"}}, "run.yaml: distill: required key is missing"),
         ({"preset": "smoke", "data": {"dataset": "imagenet"}}, "run.yaml: data.dataset: Input should be"),
         ({"preset": "smoke", "distill": {"selection": "random"}}, "run.yaml: distill.selection"),
+        ({"preset": "smoke", "evaluate": {"models": []}}, "run.yaml: evaluate.models: Tuple should have at least 1"),
+        ({"preset": "smoke", "data": {"seed": "one"}}, "run.yaml: data.seed: Input should be a valid integer"),
         ([1, 2], "run.yaml: expected a mapping"),
     ],
 )

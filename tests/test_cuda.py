@@ -8,7 +8,6 @@ atomic adds in some CUDA backward passes), so numbers are compared with toleranc
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from pad_ray.augment import DSA
 from pad_ray.config import with_absolute_paths
 from pad_ray.difficulty import el2n_run
 from pad_ray.distill import Distiller, distill
-from pad_ray.evaluate import SyntheticSet, evaluate, train_on
+from pad_ray.evaluate import evaluate, train_on
 from pad_ray.experts import seeded_model, train_expert
 from pad_ray.runtime import cuda_unusable_reason, derive_seed, peak_memory_mb
 from test_augment import draws_equal, gen, images
@@ -126,7 +125,7 @@ def test_peak_memory_on_cuda_is_what_the_process_reserved():
 
 def test_el2n_on_cuda_scores_what_the_cpu_scores():
     cfg, data = tiny_config(), tiny_dataset()
-    seed = derive_seed(cfg.seed, "el2n", 0)
+    seed = derive_seed(cfg.data.seed, "el2n", 0)
     on_cuda = el2n_run(data.train, 3, cfg.model, cfg.difficulty, seed, CUDA)
     on_cpu = el2n_run(data.train, 3, cfg.model, cfg.difficulty, seed, CPU)
     assert on_cuda.device.type == "cpu"
@@ -137,13 +136,13 @@ def test_el2n_on_cuda_scores_what_the_cpu_scores():
 def test_expert_on_cuda_follows_the_cpu_trajectory(tiny, optimizer):
     cfg, data, order, _ = tiny
     experts = cfg.experts.model_copy(update={"optimizer": optimizer})
-    seed = derive_seed(cfg.seed, "expert", 0)
+    seed = derive_seed(cfg.experts.seed, "expert", 0)
     trajectories = {name: train_expert(data.train, order, 3, cfg.model, experts, cfg.schedule, seed, device)
                     for name, device in (("cpu", CPU), ("cuda", CUDA))}
     np.testing.assert_allclose(trajectories["cuda"], trajectories["cpu"], rtol=1e-3, atol=1e-4)
 
 
-def test_expert_on_ray_train_with_a_gpu(tmp_path):
+def test_expert_on_ray_train_with_a_gpu(tmp_path, ray_cluster_with_a_gpu):
     import ray
 
     from pad_ray import distributed
@@ -153,8 +152,7 @@ def test_expert_on_ray_train_with_a_gpu(tmp_path):
     order = [torch.nonzero(data.train.labels == c).flatten() for c in range(3)]
     reference = stages.ensure_experts(cfg.model_copy(update={"store_dir": cfg.store_dir + "-cpu"}), data, order,
                                       CPU, progress=False)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address=ray_cluster_with_a_gpu.address, log_to_driver=False)
     try:
         store = distributed.generate_experts(cfg, data, order)
     finally:

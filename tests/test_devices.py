@@ -3,7 +3,6 @@ loudly on a real local Ray with a fake GPU (issue 11, item 7). The checks that n
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import ray
@@ -42,10 +41,8 @@ def test_cuda_unusable_reason_is_given_exactly_when_cuda_is_unusable():
 
 
 @pytest.fixture(scope="module")
-def fake_gpu_ray():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": NO_CUDA})
+def fake_gpu_ray(ray_cluster_with_a_gpu):
+    ray.init(address=ray_cluster_with_a_gpu.address, log_to_driver=False, runtime_env={"env_vars": NO_CUDA})
     yield
     ray.shutdown()
 
@@ -96,7 +93,7 @@ def test_fake_gpus_opt_in_runs_on_the_cpu(fake_gpu_ray, tmp_path):
     data = tiny_dataset()
     task = distributed._el2n_task.options(num_cpus=1, num_gpus=1,
                                           runtime_env={"env_vars": {**NO_CUDA, distributed.FAKE_GPUS_ENV: "1"}})
-    seed = derive_seed(cfg.seed, "el2n", 0)
+    seed = derive_seed(cfg.data.seed, "el2n", 0)
     scores = ray.get(task.remote(data.train, data.num_classes, to_dict(cfg), seed, 1))
     expected = el2n_run(data.train, data.num_classes, cfg.model, cfg.difficulty, seed, torch.device("cpu"))
     assert torch.equal(scores, expected)

@@ -32,7 +32,7 @@ def _poisoned(train: Split, indices: torch.Tensor) -> Split:
 
 def test_trajectory_layout_and_initial_weights(tiny):
     cfg, _, _, trajectories = tiny
-    seed = derive_seed(cfg.seed, "expert", 0)
+    seed = derive_seed(cfg.experts.seed, "expert", 0)
     trajectory = trajectories[0]
     initial = FlatParams(seeded_model(cfg.model, 1, 3, 8, seed)).flatten().numpy()
     assert trajectory.dtype == np.float32
@@ -54,7 +54,7 @@ def test_seeded_model_leaves_the_global_rng_alone():
 
 def test_same_seed_is_bit_identical_and_another_seed_differs(tiny):
     cfg, data, order, trajectories = tiny
-    again = _train(cfg, data, order, derive_seed(cfg.seed, "expert", 0))
+    again = _train(cfg, data, order, derive_seed(cfg.experts.seed, "expert", 0))
     np.testing.assert_array_equal(again, trajectories[0])
     other = trajectories[1]
     assert not np.array_equal(other[0], trajectories[0][0])
@@ -222,7 +222,7 @@ def test_gsam_lowers_the_loss(adaptive):
 def test_train_expert_with_gsam(tiny):
     cfg, data, order, trajectories = tiny
     gsam = tiny_config(experts={"optimizer": "gsam", "rho": 0.05, "adaptive": False})
-    seed = derive_seed(cfg.seed, "expert", 0)
+    seed = derive_seed(cfg.experts.seed, "expert", 0)
     with_gsam = _train(gsam, data, order, seed)
     with_sgd = trajectories[0]
     assert with_gsam.shape == with_sgd.shape
@@ -235,7 +235,7 @@ def test_train_expert_with_gsam(tiny):
 def test_train_expert_with_gsam_at_rho_zero_is_the_sgd_expert(tiny):
     cfg, data, order, trajectories = tiny
     gsam = tiny_config(experts={"optimizer": "gsam", "rho": 0.0, "gsam_alpha": 0.0})
-    np.testing.assert_array_equal(_train(gsam, data, order, derive_seed(cfg.seed, "expert", 1)), trajectories[1])
+    np.testing.assert_array_equal(_train(gsam, data, order, derive_seed(cfg.experts.seed, "expert", 1)), trajectories[1])
 
 
 def test_stored_expert_carries_its_curves_and_the_accuracy_of_its_final_weights(tiny, tmp_path):

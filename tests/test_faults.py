@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +16,15 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import free_ports, start_driver, tiny_config, wait_for
+from conftest import free_ports, start_driver, start_mlflow_server, tiny_config, wait_for
 from pad_ray import files, stages
 from pad_ray.evaluate import SyntheticSet
 from pad_ray.trajectories import TrajectoryStore
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = yaml.safe_load((REPO / "sweeps" / "smoke.yaml").read_text())
+
+
 
 
 def _write_sweep(tmp_path: Path, **changes) -> Path:
@@ -70,28 +71,9 @@ def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, warm_
     assert "failures" in (tmp_path / "driver.log").read_text()
 
 
-def _mlflow_server(home: Path, port: int) -> subprocess.Popen:
-    home.mkdir(parents=True, exist_ok=True)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{home}/server.db", "--artifacts-destination", str(home / "served"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def healthy():
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    wait_for(healthy, "the MLflow server", timeout=120)
-    return server
-
-
 def test_mlflow_outage_mid_sweep_loses_no_metrics(sweep_home, warm_store, ray_cluster, tmp_path):
     (port,) = free_ports(1)
-    server = _mlflow_server(sweep_home, port)
+    server = start_mlflow_server(sweep_home, port)
     sweep = _write_sweep(tmp_path, name="outage", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
                          mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
     driver, log = start_driver(sweep, tmp_path / "driver.log")
@@ -100,7 +82,7 @@ def test_mlflow_outage_mid_sweep_loses_no_metrics(sweep_home, warm_store, ray_cl
         server.terminate()
         server.wait(timeout=60)
         wait_for(lambda: sum(len(r) for r in _results(sweep_home, "outage")) >= 4, "results during the outage", alive=driver)
-        server = _mlflow_server(sweep_home, port)
+        server = start_mlflow_server(sweep_home, port)
         assert driver.wait(timeout=900) == 0
     finally:
         driver.kill() if driver.poll() is None else None
@@ -109,7 +91,7 @@ def test_mlflow_outage_mid_sweep_loses_no_metrics(sweep_home, warm_store, ray_cl
         server.wait(timeout=60)
     assert "holding updates" in (tmp_path / "driver.log").read_text()
 
-    server = _mlflow_server(sweep_home, port)
+    server = start_mlflow_server(sweep_home, port)
     try:
         client = MlflowClient(f"http://127.0.0.1:{port}")
         runs = [r for r in client.search_runs([client.get_experiment_by_name("outage").experiment_id])
@@ -133,7 +115,7 @@ def _steps_once(client, run_id: str, key: str) -> list[int]:
 def test_mlflow_down_until_the_sweep_ends_then_a_rerun_logs_what_was_held(sweep_home, warm_store, ray_cluster,
                                                                            tmp_path):
     (port,) = free_ports(1)
-    server = _mlflow_server(sweep_home, port)
+    server = start_mlflow_server(sweep_home, port)
     sweep = _write_sweep(tmp_path, name="down", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
                          mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
     held = sweep_home / "sweeps" / "down" / "mlflow_held.json"
@@ -162,7 +144,7 @@ def test_mlflow_down_until_the_sweep_ends_then_a_rerun_logs_what_was_held(sweep_
     assert held.is_file()
 
     # The same command with the server back: the held updates reach MLflow, each once.
-    server = _mlflow_server(sweep_home, port)
+    server = start_mlflow_server(sweep_home, port)
     try:
         again = subprocess.run([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, capture_output=True,
                                text=True, timeout=900)

@@ -15,13 +15,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import RAY_BIN, start_driver, wait_for
-from pad_ray import files
+from pad_ray import files, stages
 from pad_ray.config import ConfigError
+from pad_ray.runtime import derive_seed
 from pad_ray.sweep_config import finite_grid, load_sweep, trial_config
 from pad_ray.trajectories import TrajectoryStore
 
@@ -389,6 +392,9 @@ def test_optuna_sweep_is_interrupted_and_resumes_with_its_study(sweep_home, warm
         ({"space": {"alpha": [0.5, 1.2]}}, "distill.alpha: Input should be less than 1"),
         ({"space": {"alpha": {"uniform": [0.1, 1.5]}}}, "distill.alpha: Input should be less than 1"),
         ({"space": {"data.dataset": ["cifar10"]}}, "a sweep runs on one dataset"),
+        ({"space": {"data.seed": {"randint": [0, 9]}}}, "space.data.seed: randint is a distribution"),
+        ({"space": {"experts.seed": {"randint": [0, 9]}}}, "space.experts.seed: randint is a distribution"),
+        ({"space": {"repeat": [0, 1]}}, "space.repeat: repeats are num_samples"),
         ({"space": {}}, "space: give at least one key"),
         ({"asha": {"grace": 2}}, "asha.grace: unknown key; did you mean 'grace_period'?"),
         ({"space": {"ipc": 3}}, "space.ipc: expected a list of values"),
@@ -412,6 +418,28 @@ def test_bad_sweeps_are_rejected_with_the_key(tmp_path, change, expected):
     assert expected in str(info.value) and str(path) in str(info.value)
 
 
+def test_repeats_differ_only_in_their_distillation_seed(tmp_path):
+    sweep = yaml.safe_load(SMOKE.read_text())
+    sweep["space"] = {"data.seed": [4, 5], "experts.seed": [6], "seed": {"randint": [0, 100]}}
+    sweep["num_samples"] = 3
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    sweep = load_sweep(path)
+    assert sweep.trial_keys == ("data.seed", "experts.seed", "seed", "repeat")
+    params = {"data.seed": 5, "experts.seed": 6, "seed": 40}
+    first, second, third = (trial_config(sweep, {**params, "repeat": r}) for r in range(3))
+    assert first == trial_config(sweep, params)  # repeat 0 is the config as written
+    assert (first.seed, second.seed, third.seed) == (40, derive_seed(40, "repeat", 1), derive_seed(40, "repeat", 2))
+    assert len({first.seed, second.seed, third.seed}) == 3
+    assert trial_config(sweep, {**params, "repeat": 2}).seed == third.seed  # derived from the config alone
+    # What the store holds is shared by the repeats, and each split seed is its own expert set.
+    assert {TrajectoryStore(c.store_dir, c).key for c in (first, second, third)} == {TrajectoryStore(
+        first.store_dir, first).key}
+    assert (first.data.seed, first.experts.seed) == (5, 6)
+    other = trial_config(sweep, {**params, "data.seed": 4})
+    assert TrajectoryStore(other.store_dir, other).key != TrajectoryStore(first.store_dir, first).key
+
+
 def test_bad_sweep_exits_2_before_any_work(tmp_path, sweep_home):
     home = sweep_home
     path = tmp_path / "bad.yaml"
@@ -427,9 +455,15 @@ def test_shipped_sweeps_validate(monkeypatch, mnist_root):
     monkeypatch.setenv("PAD_RAY_DATA", str(mnist_root))
     assert load_sweep(REPO / "sweeps" / "mnist-optuna.yaml").search.kind == "optuna"
     assert load_sweep(SMOKE).search.kind == "grid"
+    searched = {}
     for path in sorted((REPO / "sweeps").glob("*.yaml")):
         sweep = load_sweep(path)
-        assert sweep.total_trials > 1, path  # mnist-quality and mnist-optuna sweep distill keys only
+        searched[path.stem] = set(sweep.space)
+        assert sweep.total_trials > 1, path
+    # The dataset sweeps search PAD's four axes; the others name what they search for a reason.
+    for name in ("cifar10", "cifar100", "tinyimagenet", "mnist"):
+        assert searched[name] == {"ipc", "alpha", "ir", "aee"}, name
+    assert searched["smoke"] == {"alpha", "ir"}
 
 
 def test_ray_job_submit_runs_the_smoke_sweep(sweep_home, warm_store, ray_cluster_with_dashboard):
@@ -446,3 +480,96 @@ def test_ray_job_submit_runs_the_smoke_sweep(sweep_home, warm_store, ray_cluster
     assert_runs_match_their_trials(client, trials, tune_trials(sweep_home, "smoke"),
                                    load_sweep(SMOKE, {"space": {"alpha": [0.1]}}))
     assert {r.data.params["ir"] for r in trials} == {"0.5", "0.75"}
+
+
+def _seed_sweep(tmp_path: Path) -> Path:
+    """Two split seeds, two repeats each: the smallest sweep that trains its own stores."""
+    sweep = yaml.safe_load(SMOKE.read_text())
+    sweep["name"] = "seeds"
+    sweep["base"].update({
+        "data": {**sweep["base"]["data"], "train_per_class": 12, "test_size": 50},
+        "model": {"width": 8},
+        "difficulty": {"seeds": 1, "epochs": 1},
+        "schedule": {"add_end_epoch": 1, "remove": []},
+        "experts": {"num_experts": 1, "epochs": 2},
+        "distill": {"iterations": 2, "eval_every": 2, "syn_steps": 2, "expert_epochs": 1,
+                    "current_max_start_epoch": 1, "max_start_epoch": 1},
+        "evaluate": {"num_nets": 1, "epochs": 2},
+        "resources": {"workers": 1},
+    })
+    sweep["space"] = {"data.seed": [1, 2]}
+    sweep["num_samples"] = 2
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_a_seed_sweep_stores_one_expert_set_per_split_and_repeats_differ(sweep_home, ray_cluster, tmp_path):
+    path = _seed_sweep(tmp_path)
+    result = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # Each split seed's difficulty order and experts are what a single run with that seed stores.
+    single = tmp_path / "single"
+    sweep = load_sweep(path, {"base": {"store_dir": str(single)}})
+    keys = {}
+    for params in finite_grid(sweep):
+        cfg = trial_config(sweep, params)
+        data = stages.load_data(cfg)
+        order = stages.difficulty_order(cfg, data, torch.device("cpu"), progress=False)
+        stages.ensure_experts(cfg, data, order, torch.device("cpu"), progress=False)
+        keys[params["data.seed"]] = TrajectoryStore(cfg.store_dir, cfg).key
+    assert store_checksums(sweep_home / "store") == store_checksums(single)
+    assert len(list((single / "experts").iterdir())) == 2 and len(list((single / "difficulty").glob("*.npz"))) == 2
+    sets = {seed: TrajectoryStore(single, trial_config(sweep, {"data.seed": seed})) for seed in keys}
+    assert {seed: s.identity["data"]["seed"] for seed, s in sets.items()} == {1: 1, 2: 2}
+    assert not np.array_equal(sets[1].load(0), sets[2].load(0))
+
+    client, trials, _ = children(sweep_home, "seeds")
+    tune = tune_trials(sweep_home, "seeds")
+    assert sorted((p["params"]["data.seed"], p["params"]["repeat"]) for p in tune.values()) == [
+        (1, 0), (1, 1), (2, 0), (2, 1)]
+    repeat_seeds = {"0": "0", "1": str(derive_seed(0, "repeat", 1))}
+    for seed in (1, 2):
+        runs = {r.data.params["repeat"]: r for r in trials if r.data.params["data.seed"] == str(seed)}
+        assert set(runs) == {"0", "1"}
+        for repeat, run in runs.items():
+            assert run.info.status == "FINISHED" and "final_test_accuracy" in run.data.metrics
+            assert run.data.tags["expert_store_key"] == keys[seed]  # its own split's experts
+            assert run.data.params["config.seed"] == repeat_seeds[repeat]
+        images = [np.load(client.download_artifacts(runs[r].info.run_id, "synthetic_best.npz"))["images"]
+                  for r in ("0", "1")]
+        assert images[0].shape == images[1].shape and not np.array_equal(*images)
+    with open(sweep_home / "sweeps" / "seeds" / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted((row["data.seed"], row["repeat"], row["seed"]) for row in rows) == [
+        (str(s), r, repeat_seeds[r]) for s in (1, 2) for r in ("0", "1")]
+
+
+def test_a_cross_architecture_sweep_reports_every_architecture(sweep_home, warm_store, ray_cluster, tmp_path):
+    sweep = yaml.safe_load(SMOKE.read_text())
+    sweep["name"] = "archs"
+    sweep["space"] = {"alpha": [0.1], "ir": [0.5]}
+    # No ConvNet among them: the first listed is the trial's headline accuracy.
+    sweep["base"].update({"distill": {"iterations": 4, "eval_every": 4},
+                          "evaluate": {"models": ["mlp", "lenet"], "num_nets": 1, "epochs": 2}})
+    path = tmp_path / "archs.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    result = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    (trial,) = tune_trials(sweep_home, "archs").values()
+    final = trial["results"][-1]
+    names = ("final_test_accuracy", "final_test_std", "final_val_accuracy")
+    assert {k for k in final if k.startswith(names)} == {
+        *names, *(f"{name}/{arch}" for name in names for arch in ("mlp", "lenet"))}
+    assert final["final_test_accuracy"] == final["final_test_accuracy/mlp"]
+    assert all(0 <= final[f"final_test_accuracy/{arch}"] <= 1 for arch in ("mlp", "lenet"))
+
+    _, (run,), _ = children(sweep_home, "archs")
+    row, = csv.DictReader((sweep_home / "sweeps" / "archs" / "results.csv").open())
+    for arch in ("mlp", "lenet"):
+        for name in ("final_test_accuracy", "final_test_std"):
+            key = f"{name}/{arch}"
+            assert run.data.metrics[key] == pytest.approx(final[key])
+            assert float(row[key]) == pytest.approx(final[key])

@@ -10,7 +10,7 @@ import torch
 from fsspec.core import url_to_fs
 
 from conftest import tiny_config, write_malicious_pickle
-from pad_ray import files
+from pad_ray import files, trajectories
 from pad_ray.data import prepare
 from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
@@ -68,8 +68,9 @@ def test_same_settings_share_a_directory(tmp_path):
     # More experts extend the same set; where the data lives does not change what it holds.
     assert _key(tmp_path, experts={"num_experts": 7}) == _key(tmp_path)
     assert _key(tmp_path, data={"root": "/somewhere/else"}) == _key(tmp_path)
-    # Nor do the distillation and evaluation settings.
-    assert _key(tmp_path, distill={"lr_img": 3}, evaluate={"num_nets": 9}) == _key(tmp_path)
+    # Nor do the distillation and evaluation settings, the run's seed among them: repeats of a
+    # config share their experts.
+    assert _key(tmp_path, distill={"lr_img": 3}, evaluate={"num_nets": 9}, seed=11) == _key(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +81,8 @@ def test_same_settings_share_a_directory(tmp_path):
         {"experts": {"optimizer": "gsam"}},
         {"experts": {"lr": 0.02}},
         {"experts": {"epochs": 6}},
-        {"seed": 4},
+        {"data": {"seed": 4}},
+        {"experts": {"seed": 4}},
         {"model": {"width": 8}},
         {"difficulty": {"epochs": 2}},
         {"data": {"val_fraction": 0.1}},
@@ -161,9 +163,20 @@ def test_difficulty_cache_round_trip(tmp_path):
     # Other scoring settings are another cache entry.
     other = tiny_config(tmp_path, difficulty={"epochs": 3})
     assert DifficultyCache(other.store_dir, other).load() is None
-    # The schedule and the experts do not affect the difficulty order.
-    same = tiny_config(tmp_path, schedule={"init_ratio": 0.9}, experts={"optimizer": "gsam"})
+    # The split's seed draws another split and seeds the EL2N runs.
+    other = tiny_config(tmp_path, data={"seed": 4})
+    assert DifficultyCache(other.store_dir, other).load() is None
+    # The schedule, the experts (their seed too) and the distillation seed do not affect the order.
+    same = tiny_config(tmp_path, schedule={"init_ratio": 0.9}, experts={"optimizer": "gsam", "seed": 4}, seed=11)
     assert DifficultyCache(same.store_dir, same).path == cache.path
+
+
+def test_a_new_model_layout_scores_again(tmp_path, monkeypatch):
+    # EL2N trains the agent model: scores of an older parameter layout are not this layout's.
+    cfg = tiny_config(tmp_path)
+    before = DifficultyCache(cfg.store_dir, cfg).path
+    monkeypatch.setattr(trajectories, "MODEL_LAYOUT", trajectories.MODEL_LAYOUT + 1)
+    assert DifficultyCache(cfg.store_dir, cfg).path != before
 
 
 @pytest.mark.parametrize("target", ["npz", "json"])
