@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -76,8 +77,8 @@ def test_a_sweep_in_mlflow_reads_without_opening_each_run(sweep_home, warm_store
         evaluations = sorted(m["step"] for m in rest(mlflow_server, "metrics/get-history", run_id=run_id,
                                                       metric_key="val_accuracy")["metrics"])
         grids = artifact_paths(mlflow_server, run_id, "images")
-        steps = sorted({int(p.split("%step%")[1].split("%")[0]) for p in grids if p.endswith(".png")
-                        and "%step%" in p})
+        # MLflow names each logged image images/<key>+step+<step>+timestamp+...png
+        steps = sorted(int(m.group(1)) for p in grids if (m := re.search(r"synthetic\+step\+(\d+)\+.*(?<!compressed)\.png$", p)))
         assert steps == evaluations and evaluations, (grids, evaluations)
 
     # The parent says what the sweep was and how it went.
