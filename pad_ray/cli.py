@@ -105,9 +105,20 @@ def _stage(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.file, parse_overrides(args.overrides))  # a bad file stops before Ray starts
-    from pad_ray.sweep import exit_code, run_sweep
+    from pad_ray.sweep import run_sweep
 
-    return exit_code(run_sweep(sweep))
+    return run_sweep(sweep, args.rerun).exit_code
+
+
+def add_rerun_flags(parser: argparse.ArgumentParser) -> None:
+    """--fresh / --resume, for `pad-ray sweep` and `python -m pad_ray.sweep` alike (pad_ray.rerun)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--fresh", dest="rerun", action="store_const", const="fresh",
+                       help="start a new sweep: an earlier sweep of this name is moved aside to "
+                            "<storage_path>/<name>.replaced-<time> (nothing is deleted)")
+    group.add_argument("--resume", dest="rerun", action="store_const", const="resume",
+                       help="continue the earlier sweep of this name as it was started, although the file "
+                            "changed since (the changes are ignored)")
 
 
 def is_sweep(raw: Any) -> bool:
@@ -189,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         sub = command(stage, _stage, "YAML run config (see: pad-ray presets)", "distill.iterations=20")
         sub.add_argument("--out", type=Path, help="run folder (default: output_dir/<preset>-<hash>)")
         sub.add_argument("--synthetic", type=Path, help="distilled set to evaluate (default: the run's best)")
-    command("sweep", _sweep, "sweep YAML (see sweeps/)", "base.distill.iterations=20")
+    add_rerun_flags(command("sweep", _sweep, "sweep YAML (see sweeps/)", "base.distill.iterations=20"))
     command("validate", _validate, "YAML run config or sweep file", "distill.alpha=0.3")
     command("presets", _presets, None).set_defaults(file=Path("pad-ray presets"))
     data = command("data", _data, None)

@@ -20,17 +20,14 @@ their sidecars. Nothing is unpickled: safetensors is a JSON header and raw littl
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +41,7 @@ from pad_ray import files
 from pad_ray.config import ConfigError, RunConfig, to_dict
 from pad_ray.data import Dataset
 from pad_ray.evaluate import SyntheticSet
+from pad_ray.runtime import software
 
 FILE_NAME = "distilled_best.safetensors"
 FORMAT = "pad_ray.distilled/1"
@@ -95,20 +93,6 @@ def _pixels(images: torch.Tensor, data: Dataset) -> torch.Tensor:
         return data.zca.invert(images)
     mean, std = (torch.tensor(v, dtype=images.dtype).view(-1, 1, 1) for v in (data.mean, data.std))
     return images * std + mean
-
-
-@functools.lru_cache(maxsize=1)
-def _code_version() -> dict[str, str | None]:
-    try:
-        version = package_metadata.version("pad_ray")
-    except package_metadata.PackageNotFoundError:
-        version = None
-    try:  # an installed wheel or a Ray job's copied working dir has no git checkout: then no commit
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"pad_ray_version": version, "git_commit": commit}
 
 
 class DistilledSet(TorchDataset):
@@ -169,7 +153,7 @@ def save_distilled(loc: files.Location, synthetic: SyntheticSet, data: Dataset, 
     if soft:
         tensors["soft_labels"] = labels.float().contiguous()
     meta = {"class_names": list(data.class_names), "config": to_dict(cfg),
-            "provenance": {**_code_version(), "dataset": data.name,
+            "provenance": {"pad_ray_version": software()["pad_ray"], "git_commit": software()["git_commit"], "dataset": data.name,
                            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance}}
     files.write_bytes(loc, _serialize(tensors, meta))
 

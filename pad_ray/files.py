@@ -69,6 +69,17 @@ def exists(loc: Location) -> bool:
     return fs.isfile(path)
 
 
+def is_dir(loc: Location) -> bool:
+    fs, path, _ = _resolve(loc)
+    return fs.isdir(path)
+
+
+def move(source: Location, target: Location) -> None:
+    """Rename a folder (a copy and a delete on object stores, which cannot rename)."""
+    fs, path, _ = _resolve(source)
+    fs.mv(path, _resolve(target)[1], recursive=True)
+
+
 def remove(loc: Location) -> None:
     """Delete `loc` if it is there."""
     fs, path, _ = _resolve(loc)

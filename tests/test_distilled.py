@@ -17,6 +17,7 @@ from pad_ray import data as datasets, files, stages
 from pad_ray.distilled import FILE_NAME, class_folders, export, load_distilled, save_distilled
 from pad_ray.evaluate import SyntheticSet
 from pad_ray.progress import addresses
+from pad_ray.tracking import ui_link
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["normalize", "zca"])
@@ -312,8 +313,10 @@ def test_a_torchvision_model_learns_from_the_exported_imagefolder_without_pad_ra
 
 
 def test_a_sweep_starts_by_saying_where_to_watch_it():
-    local = addresses("sqlite:////runs/mlflow.db", "127.0.0.1:8265").splitlines()
-    assert local == ["MLflow: mlflow ui --backend-store-uri sqlite:////runs/mlflow.db  (then open http://127.0.0.1:5000)",
+    local = addresses(ui_link("sqlite:////runs/mlflow.db", "1"), "127.0.0.1:8265").splitlines()
+    assert local == ["MLflow: mlflow ui --backend-store-uri sqlite:////runs/mlflow.db, then "
+                     "http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning",
                      "Ray dashboard: http://127.0.0.1:8265"]
-    served = addresses("http://mlflow:5000", None).splitlines()
-    assert served[0] == "MLflow: http://mlflow:5000" and "not running" in served[1]
+    served = addresses(ui_link("http://mlflow:5000", "7"), None).splitlines()
+    assert served[0] == "MLflow: http://mlflow:5000/#/experiments/7?workflowType=machine_learning"
+    assert "not running" in served[1]
