@@ -1,9 +1,11 @@
-"""Time, peak memory and FLOPs of one outer distillation iteration, unrolled vs constant-memory.
+"""Time, peak memory and FLOPs of one outer distillation iteration: unrolled, constant-memory, auto,
+and the authors' released code on the same rows in the same invocation.
 
-    python3 benchmarks/distill_iteration.py [--quick | --paper] [--paths unrolled,constant_memory] [--rows 0,2]
+    python3 benchmarks/distill_iteration.py [--quick | --paper] [--paths unrolled,constant_memory,auto,auto:target]
+        [--rows 0,2] [--pad-root DIR] [--no-reference]
 
 One iteration = `plan_steps` (minibatches and DSA draws) + the gradient path
-(`pad_ray.matching.unrolled_gradients` or `two_pass_gradients`) on the CIFAR-10 ConvNet
+(`pad_ray.matching.gradient_path`: unrolled, two-pass or auto) on the CIFAR-10 ConvNet
 (width 128, depth 3, instance norm, 3x32x32, 10 classes), random synthetic images and soft labels,
 DSA on, depth mask at alpha 0.25, and a random start/target pair of flat parameter vectors.
 `--paper` measures the paper's CIFAR-10 settings instead: IPC 10 (batch_syn 100) and IPC 50
@@ -16,12 +18,29 @@ iteration's achieved throughput is given as a fraction of the plain training ste
 FLOPs of an iteration are affine in N at a fixed batch (every step does the same convolutions and
 matmuls; DSA's ops are not counted by the flop counter), so they are counted exactly on 1- and
 2-step iterations and extrapolated; rows with a small N also count the whole iteration as a check.
+An auto iteration's FLOPs are those of its kept steps at the unrolled per-step count plus its
+recomputed steps at the two-pass count, both counted the same way in its process.
+
+Paths: `auto` runs with its default budget (free memory, less a margin); `auto:GB` with
+`memory_budget_gb` GB; `auto:target` with what a row's peak target (TARGET_PEAK_GB) leaves beyond the
+constant-memory path's peak on the same row in this invocation. Every child sets glibc to keep freed
+memory in the heap, as `Distiller` does on the CPU, so each path is measured as a run uses it.
+
+The reference: for every row the harness in ../shared/tools/reference-pad-step/ has a configuration for,
+it runs in its own child process in this invocation (the authors' code from --pad-root, default
+$PAD_ROOT, else the harness's own default), as does its plain forward+backward; rows are compared
+only with reference figures from the same invocation. Where the authors' code cannot run, the
+reason is recorded and no ratio is given.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import resource
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,10 +49,10 @@ import common  # noqa: E402
 
 NAME = "distill_iteration"
 
-# Reference (authors' released implementation, 2 cores, torch 2.15 CPU, 2 threads): s/iter, peak GB.
-REFERENCE = {(1, 10, 20): (1.95, 1.66), (10, 100, 10): (16.7, 4.21), (10, 100, 20): (28.4, 7.46),
-             (10, 100, 40): (58.4, 13.7), (50, 100, 20): (27.5, 7.49)}
-REFERENCE_FWD_BWD_S = 0.41  # plain forward+backward on 100 images (72 GFLOP/s)
+HARNESS = common.REPO.parent / "shared" / "tools" / "reference-pad-step" / "reference_pad_step.py"
+REFERENCE_PLAIN = "reference_fwd_bwd_bs100"
+# Peak targets of the issue (GB) for the rows that have one; `auto:target` budgets from them.
+TARGET_PEAK_GB = {(10, 100, 20): 4.0, (10, 100, 80): 3.0}
 
 FULL_ROWS = [  # (ipc, batch_syn, N, timed iterations)
     (1, 10, 20, 5), (10, 100, 10, 2), (10, 100, 20, 2), (50, 100, 20, 2), (10, 100, 40, 1), (10, 100, 80, 1)]
@@ -41,7 +60,7 @@ PAPER_ROWS = [(10, 100, 80, 2), (50, 500, 80, 2)]  # cifar10-ipc10 and -ipc50 pr
 QUICK_ROWS = [(1, 10, 4, 2), (2, 20, 2, 2), (2, 20, 4, 2), (2, 20, 8, 1)]
 FULL_MODEL = {"classes": 10, "channels": 3, "size": 32, "width": 128, "depth": 3}
 QUICK_MODEL = {"classes": 10, "channels": 3, "size": 32, "width": 16, "depth": 3}
-PATHS = ("unrolled", "constant_memory")
+PATHS = ("unrolled", "constant_memory", "auto")
 
 
 def child(p: dict) -> dict:
@@ -49,11 +68,14 @@ def child(p: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from pad_ray.augment import DSA
-    from pad_ray.matching import GRADIENT_PATHS, plan_steps, soft_cross_entropy
+    from pad_ray.matching import gradient_path, plan_steps, soft_cross_entropy
     from pad_ray.models import ConvNet, FlatParams
+    from pad_ray.runtime import keep_freed_memory_in_heap
 
     dev = common.device()
     threads = common.set_threads(p["threads"]) if dev.type == "cpu" else None
+    if dev.type == "cpu":
+        keep_freed_memory_in_heap()
     classes, channels, size = p["classes"], p["channels"], p["size"]
     torch.manual_seed(0)
     net = FlatParams(ConvNet(channels, classes, size, p["width"], p["depth"]).to(dev))
@@ -66,11 +88,15 @@ def child(p: dict) -> dict:
     start = net.flatten()
     target = start + 0.01 * torch.randn(start.shape, generator=gen).to(dev)
     dsa = DSA() if p["dsa"] else None
-    gradients = GRADIENT_PATHS[p["path"]]
+    # One function for every call, so that auto's budget keeps what it measured across iterations.
+    measured = gradient_path(p["path"], p.get("budget_gb"))
+    kept: list[int] = []  # per call of `measured`: inner steps whose graphs it held
 
-    def iteration(steps: int):
+    def iteration(steps: int, gradients=measured):
         plan = plan_steps(n, batch, steps, (size, size), dsa, gen)
-        return gradients(net, images, labels, syn_lr, start, target, plan, dsa, p["alpha"], p["selection"])
+        matched = gradients(net, images, labels, syn_lr, start, target, plan, dsa, p["alpha"], p["selection"])
+        if gradients is measured:
+            kept.append(matched.kept)
 
     # The plain training step of the same model and batch: forward + backward into .grad.
     model, x, y = net.module, images[:batch], labels[:batch]
@@ -84,11 +110,22 @@ def child(p: dict) -> dict:
             fn()
         return int(counter.get_total_flops())
 
-    # The iteration's FLOPs first: a gradient path may set process-wide state (the constant-memory path
-    # keeps freed memory in the heap), and the plain step should be timed under the same conditions.
-    one, two = count(lambda: iteration(1)), count(lambda: iteration(2))
-    per_step, fixed = two - one, 2 * one - two
-    flops = fixed + per_step * p["steps"]
+    def affine(path: str) -> tuple[int, int]:
+        """(fixed, per step) FLOPs of a path, from its 1- and 2-step iterations."""
+        one, two = (count(lambda: iteration(k, gradient_path(path))) for k in (1, 2))
+        return 2 * one - two, two - one
+
+    ends = {path: affine(path) for path in (("unrolled", "constant_memory") if p["path"] == "auto"
+                                            else (p["path"],))}
+
+    def flops_of(kept_steps: int) -> float:
+        if p["path"] != "auto" or kept_steps == p["steps"]:
+            fixed, per_step = ends["unrolled" if p["path"] == "auto" else p["path"]]
+            return fixed + per_step * p["steps"]
+        # A kept step costs a full unrolled step: with a recomputed head, a gradient flows into the first.
+        fixed, two_pass_step = ends["constant_memory"]
+        return fixed + two_pass_step * (p["steps"] - kept_steps) + ends["unrolled"][1] * kept_steps
+
     flops_check = count(lambda: iteration(p["steps"])) if p["count_full"] else None
 
     plain_flops = count(plain_step)
@@ -99,17 +136,19 @@ def child(p: dict) -> dict:
     warmup_steps = p["steps"] if p["warmup"] == "full" else min(p["steps"], int(p["warmup"]))
     warm = common.timed(lambda: iteration(warmup_steps), dev, 1)[0]
     before = resource.getrusage(resource.RUSAGE_SELF)
+    kept.clear()
     times = common.timed(lambda: iteration(p["steps"]), dev, p["repeats"])
     after = resource.getrusage(resource.RUSAGE_SELF)
     seconds = common.median(times)
+    flops = common.median([flops_of(k) for k in kept])
     plain_rate = plain_flops / plain_s
     rate = flops / seconds
     result = {
-        **p, "device": str(dev), "threads": threads, "flat_params": net.size,
+        **p, "device": str(dev), "threads": threads, "flat_params": net.size, "kept_steps": kept,
         "warmup_steps": warmup_steps, "warmup_s": warm, "times_s": times, "s_per_iter": seconds,
         "s_per_step": seconds / p["steps"], "peak_bytes": common.peak_memory_bytes(dev),
         "peak_gb": common.peak_memory_bytes(dev) / common.GB,
-        "flops_per_iter": flops, "flops_per_step": per_step, "flops_fixed": fixed, "flops_check": flops_check,
+        "flops_per_iter": flops, "flops_per_step": flops / p["steps"], "flops_check": flops_check,
         "plain_fwd_bwd_s": plain_s, "plain_fwd_bwd_flops": plain_flops, "plain_gflops_per_s": plain_rate / 1e9,
         "gflops_per_s": rate / 1e9, "fraction_of_plain": rate / plain_rate,
         "step_cost_in_plain_steps": (seconds / p["steps"]) / plain_s,
@@ -124,10 +163,10 @@ def child(p: dict) -> dict:
     return result
 
 
-def _predicted_peak(rows: list[dict], path: str, ipc: int, batch: int, steps: int) -> float | None:
+def _predicted_peak(rows: list[dict], label: str, ipc: int, batch: int, steps: int) -> float | None:
     """Linear fit of peak memory in N from the measured rows of the same path, IPC and batch."""
     known = sorted((r["steps"], r["peak_bytes"]) for r in rows
-                   if r.get("path") == path and r.get("ipc") == ipc and r.get("batch") == batch
+                   if r.get("label") == label and r.get("ipc") == ipc and r.get("batch") == batch
                    and "peak_bytes" in r)
     if len(known) < 2:
         return None
@@ -135,69 +174,163 @@ def _predicted_peak(rows: list[dict], path: str, ipc: int, batch: int, steps: in
     return m1 + (m1 - m0) / (n1 - n0) * (steps - n1)
 
 
+# -- the reference: the authors' code through the shared harness, one child process per configuration --
+
+def _reference_name(ipc: int, batch: int, steps: int) -> str:
+    return f"ipc{ipc}_bs{batch}_n{steps}"
+
+
+def _pad_root(args) -> Path:
+    """Where the harness reads the authors' code: --pad-root, else $PAD_ROOT, else its own default."""
+    return Path(args.pad_root or os.environ.get("PAD_ROOT") or HARNESS.parent / ".work" / "pad-official")
+
+
+def reference_unavailable(args) -> str | None:
+    """Why the harness cannot run the authors' code here, or None when it can."""
+    if not HARNESS.is_file():
+        return f"no harness at {HARNESS}"
+    root = _pad_root(args)
+    if not (root / "reparam_module.py").is_file():
+        return (f"the authors' code (NUS-HPC-AI-Lab/PAD, commit 2a4bc91, as a plain export) is not at {root}: "
+                "pass --pad-root or set PAD_ROOT (see the harness's README)")
+    return None
+
+
+def run_reference(name: str, args, repeats: int) -> dict:
+    """One configuration of the harness in a fresh process: its RESULT line, or an error record."""
+    cmd = [sys.executable, str(HARNESS), "--child", name, "--pad-root", str(_pad_root(args)),
+           "--threads", str(args.threads or len(os.sched_getaffinity(0))),
+           "--warmup", "1", "--iters", str(repeats), "--selection", "depth"]
+    began = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    except subprocess.TimeoutExpired:
+        return {"name": name, "error": "timed out after 3600 s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {**json.loads(line[len("RESULT "):]), "child_wall_s": time.perf_counter() - began}
+    tail = [line for line in (proc.stdout + "\n" + proc.stderr).splitlines() if line.strip()][-6:]
+    return {"name": name, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+def reference_time(refs: dict, ipc: int, batch: int, steps: int) -> tuple[float, float | None, bool] | None:
+    """(seconds, peak GB or None, extrapolated) of the reference at a row, measured in this invocation;
+    a row it has no configuration for is extrapolated linearly in N from two measured ones of the same
+    IPC and batch (the reference's per-step cost), with no peak."""
+    measured = refs.get((ipc, batch, steps))
+    if measured and "median_s" in measured:
+        return measured["median_s"], measured["peak_rss_mb"] * 2**20 / common.GB, False
+    known = sorted((n, r["median_s"]) for (i, b, n), r in refs.items() if (i, b) == (ipc, batch) and "median_s" in r)
+    if len(known) < 2:
+        return None
+    (n0, t0), (n1, t1) = known[-2], known[-1]
+    return t1 + (t1 - t0) / (n1 - n0) * (steps - n1), None, True
+
+
+def _paths(spec: str) -> list[tuple[str, str, str | None]]:
+    """`--paths` entries as (label, gradient, budget): auto:GB or auto:target give auto a budget."""
+    out = []
+    for label in spec.split(","):
+        gradient, _, budget = label.partition(":")
+        if gradient not in PATHS or (budget and gradient != "auto"):
+            raise SystemExit(f"--paths: {label!r} is not one of {', '.join(PATHS)}, auto:GB, auto:target")
+        out.append((label, gradient, budget or None))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = common.parse_args(__doc__.splitlines()[0])
-    parser.add_argument("--paths", default=",".join(PATHS))
+    parser.add_argument("--paths", default="unrolled,constant_memory,auto,auto:target")
     parser.add_argument("--rows", default=None, help="indices into the row list (default: all)")
     parser.add_argument("--paper", action="store_true", help="the paper's IPC 10 / 50 rows at N 80 (for a GPU)")
+    parser.add_argument("--pad-root", default=None, help="export of the authors' code for the reference harness")
+    parser.add_argument("--no-reference", action="store_true", help="do not run the authors' code")
     parser.add_argument("--merge", action="store_true",
                         help="keep rows of earlier results that this invocation does not measure")
     args = parser.parse_args(argv)
     rows_spec = QUICK_ROWS if args.quick else PAPER_ROWS if args.paper else FULL_ROWS
     if args.rows:
         rows_spec = [rows_spec[int(i)] for i in args.rows.split(",")]
+    paths = _paths(args.paths)
     model = QUICK_MODEL if args.quick else FULL_MODEL
     meta = common.machine()
+    # The harness has the full CIFAR-10 ConvNet only: --quick's narrow model has no reference.
+    meta["reference_unavailable"] = ("not run (--no-reference)" if args.no_reference else
+                                     "no reference for --quick's model" if args.quick else
+                                     reference_unavailable(args))
     print(f"# {NAME} on {meta['cpu']} ({meta['usable_cores']} cores), torch {meta['torch']}, "
           f"cuda: {meta['cuda']}, load {meta['load_average_at_start']}", flush=True)
+    if meta["reference_unavailable"]:
+        print(f"# reference: {meta['reference_unavailable']}; no ratios to it", flush=True)
 
     results: list[dict] = []
-    for path in args.paths.split(","):
-        for ipc, batch, steps, repeats in rows_spec:
-            payload = {**model, "allocator": args.allocator, "path": path, "ipc": ipc, "batch": batch,
-                       "steps": steps, "repeats": repeats,
-                       "warmup": "full" if steps <= 10 or ipc == 1 else 2, "alpha": 0.25, "selection": "depth",
+    refs: dict[tuple, dict] = {}
+    if not meta["reference_unavailable"]:
+        meta["reference_plain"] = run_reference(REFERENCE_PLAIN, args, 0)
+    for ipc, batch, steps, repeats in rows_spec:
+        if not meta["reference_unavailable"] and _reference_name(ipc, batch, steps) in _harness_configs():
+            refs[(ipc, batch, steps)] = run_reference(_reference_name(ipc, batch, steps), args, repeats)
+            print(f"reference ipc {ipc} N {steps}: " + (refs[(ipc, batch, steps)].get("error") or
+                  f"{refs[(ipc, batch, steps)]['median_s']:.3f} s/iter"), flush=True)
+        for label, gradient, budget in paths:
+            payload = {**model, "allocator": args.allocator, "label": label, "path": gradient, "ipc": ipc,
+                       "batch": batch, "steps": steps, "repeats": repeats,
+                       "warmup": "full" if steps <= 20 or ipc == 1 else 2, "alpha": 0.25, "selection": "depth",
                        "dsa": True, "threads": args.threads, "plain_repeats": 5,
                        "count_full": steps <= 20 and ipc == 1 or args.quick}
-            predicted = _predicted_peak(results, path, ipc, batch, steps)
+            skipped = None
+            if budget == "target":
+                constant = next((r for r in results if r.get("label") == "constant_memory" and "peak_gb" in r
+                                 and (r["ipc"], r["batch"], r["steps"]) == (ipc, batch, steps)), None)
+                if (ipc, batch, steps) not in TARGET_PEAK_GB or constant is None:
+                    skipped = "no peak target, or no constant-memory peak on this row in this invocation"
+                else:
+                    payload["budget_gb"] = TARGET_PEAK_GB[(ipc, batch, steps)] - constant["peak_gb"]
+            elif budget is not None:
+                payload["budget_gb"] = float(budget)
+            predicted = _predicted_peak(results, label, ipc, batch, steps)
             limit = common.memory_available_bytes() * 0.85
             gpu_total = next((r.get("device_memory_total") for r in results if r.get("device_memory_total")), None)
             if gpu_total:
                 limit = 0.9 * gpu_total
             if predicted is not None and predicted > limit:
-                row = {**payload, "skipped": f"predicted peak {predicted / common.GB:.1f} GB exceeds "
-                                             f"{limit / common.GB:.1f} GB available",
-                       "predicted_peak_gb": predicted / common.GB}
-                print(f"{path} ipc {ipc} N {steps}: skipped ({row['skipped']})", flush=True)
-                results.append(row)
+                skipped = (f"predicted peak {predicted / common.GB:.1f} GB exceeds {limit / common.GB:.1f} GB "
+                           "available")
+            if skipped:
+                print(f"{label} ipc {ipc} N {steps}: skipped ({skipped})", flush=True)
+                results.append({**payload, "skipped": skipped})
                 continue
             row = common.run_child(__file__, payload, timeout_s=1800, env=common.allocator_env(args.allocator))
-            ref = REFERENCE.get((ipc, batch, steps)) if not args.quick else None
+            ref = reference_time(refs, ipc, batch, steps)
             if ref and "s_per_iter" in row:
-                row["ref_s_per_iter"], row["ref_peak_gb"] = ref
+                row["ref_s_per_iter"], row["ref_peak_gb"], row["ref_extrapolated"] = ref
                 row["time_vs_ref"] = row["s_per_iter"] / ref[0]
-                row["memory_vs_ref"] = row["peak_gb"] / ref[1]
+                if ref[1]:
+                    row["memory_vs_ref"] = row["peak_gb"] / ref[1]
             results.append(row)
             if "error" in row:
-                print(f"{path} ipc {ipc} N {steps}: ERROR {row['error']}", flush=True)
+                print(f"{label} ipc {ipc} N {steps}: ERROR {row['error']}", flush=True)
             else:
-                print(f"{path} ipc {ipc} batch {batch} N {steps}: {row['s_per_iter']:.3f} s/iter, "
-                      f"peak {row['peak_gb']:.2f} GB, {row['fraction_of_plain']:.0%} of plain fwd+bwd "
-                      f"({row['gflops_per_s']:.1f} vs {row['plain_gflops_per_s']:.1f} GFLOP/s)", flush=True)
+                print(f"{label} ipc {ipc} batch {batch} N {steps}: {row['s_per_iter']:.3f} s/iter, "
+                      f"kept {row['kept_steps']}, peak {row['peak_gb']:.2f} GB, "
+                      f"{row['fraction_of_plain']:.0%} of plain fwd+bwd "
+                      f"({row['gflops_per_s']:.1f} vs {row['plain_gflops_per_s']:.1f} GFLOP/s), "
+                      f"load {common.load_average()}", flush=True)
+    meta["reference_rows"] = [{"row": list(key), **value} for key, value in refs.items()]
 
     if args.merge:
         earlier = common.read_results(NAME if args.allocator == "default" else f"{NAME}-{args.allocator}",
                                       args.quick)
         if earlier:
-            measured = {(r.get("path"), r.get("ipc"), r.get("batch"), r.get("steps")) for r in results}
+            measured = {(r.get("label"), r.get("ipc"), r.get("batch"), r.get("steps")) for r in results}
             results = [r for r in earlier["rows"]
-                       if (r.get("path"), r.get("ipc"), r.get("batch"), r.get("steps")) not in measured] + results
+                       if (r.get("label"), r.get("ipc"), r.get("batch"), r.get("steps")) not in measured] + results
             meta["merged_with_run_of"] = earlier["machine"].get("date_utc")
 
-    summary = summarize(results, args.quick)
-    columns = [("path", "path"), ("ipc", "IPC"), ("batch", "batch"), ("steps", "N"), ("s_per_iter", "s/iter"),
-               ("ref_s_per_iter", "ref s/iter"), ("time_vs_ref", "x ref"), ("peak_gb", "peak GB"),
-               ("ref_peak_gb", "ref GB"), ("memory_vs_ref", "mem x ref"), ("gflops_per_s", "GFLOP/s"),
+    summary = summarize(results)
+    columns = [("label", "path"), ("ipc", "IPC"), ("batch", "batch"), ("steps", "N"), ("kept_steps", "kept"),
+               ("s_per_iter", "s/iter"), ("ref_s_per_iter", "ref s/iter"), ("time_vs_ref", "x ref"),
+               ("peak_gb", "peak GB"), ("ref_peak_gb", "ref GB"), ("gflops_per_s", "GFLOP/s"),
                ("fraction_of_plain", "of plain"), ("sys_cpu_s_per_iter", "sys CPU s"), ("skipped", "note")]
     print()
     print(common.table(sorted(results, key=_order), columns))
@@ -210,38 +343,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _harness_configs() -> set[str]:
+    """The configuration names the harness defines (its CONFIGS table; importing it runs nothing)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reference_pad_step", HARNESS)
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    return set(harness.CONFIGS)
+
+
 def _order(row: dict) -> tuple:
-    return (PATHS.index(row.get("path", "unrolled")), row.get("ipc", 0), row.get("steps", 0))
+    return (row.get("ipc", 0), row.get("steps", 0), row.get("label", ""))
 
 
-def summarize(rows: list[dict], quick: bool) -> dict:
-    def find(path, ipc, batch, steps):
-        return next((r for r in rows if (r.get("path"), r.get("ipc"), r.get("batch"), r.get("steps"))
-                     == (path, ipc, batch, steps) and "s_per_iter" in r), None)
-
+def summarize(rows: list[dict]) -> dict:
+    """Same-invocation comparisons: each path against the reference and the plain step, and auto
+    against the better of its two ends."""
+    measured = [r for r in rows if "s_per_iter" in r]
     out: dict = {}
-    unrolled = [r for r in rows if r.get("path") == "unrolled" and "s_per_iter" in r]
-    with_ref = [r for r in unrolled if "time_vs_ref" in r]
+    with_ref = {f"{r['label']} ipc{r['ipc']} N{r['steps']}": round(r["time_vs_ref"], 3)
+                for r in measured if "time_vs_ref" in r}
     if with_ref:
-        out["unrolled_worst_time_vs_ref"] = max(r["time_vs_ref"] for r in with_ref)
-        out["unrolled_worst_memory_vs_ref"] = max(r["memory_vs_ref"] for r in with_ref)
-    if unrolled:
-        out["unrolled_min_fraction_of_plain"] = min(r["fraction_of_plain"] for r in unrolled)
-    ipc, batch = (2, 20) if quick else (10, 100)
-    lo, hi = (2, 8) if quick else (10, 80)
-    small, large = find("constant_memory", ipc, batch, lo), find("constant_memory", ipc, batch, hi)
-    if small and large:
-        out[f"constant_memory_peak_growth_N{lo}_to_N{hi}"] = large["peak_gb"] / small["peak_gb"]
-        out[f"constant_memory_peak_gb_N{hi}"] = large["peak_gb"]
-    ratios = {}
-    for r in rows:
-        if r.get("path") == "constant_memory" and "s_per_iter" in r:
-            u = find("unrolled", r["ipc"], r["batch"], r["steps"])
-            if u:
-                ratios[f"ipc{r['ipc']}_N{r['steps']}"] = round(r["s_per_iter"] / u["s_per_iter"], 3)
-    if ratios:
-        out["constant_memory_time_vs_unrolled"] = ratios
-        out["constant_memory_worst_time_vs_unrolled"] = max(ratios.values())
+        out["time_vs_reference"] = with_ref
+    out["min_fraction_of_plain"] = {label: round(min(r["fraction_of_plain"] for r in measured
+                                                     if r["label"] == label), 3)
+                                    for label in dict.fromkeys(r["label"] for r in measured)}
+    auto_vs_best = {}
+    for r in measured:
+        if r["label"] != "auto":
+            continue
+        ends = [e["s_per_iter"] for e in measured if e["label"] in ("unrolled", "constant_memory")
+                and (e["ipc"], e["batch"], e["steps"]) == (r["ipc"], r["batch"], r["steps"])]
+        if len(ends) == 2:
+            auto_vs_best[f"ipc{r['ipc']} N{r['steps']}"] = round(r["s_per_iter"] / min(ends), 3)
+    if auto_vs_best:
+        out["auto_time_vs_better_end"] = auto_vs_best
     return out
 
 

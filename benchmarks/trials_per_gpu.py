@@ -42,7 +42,7 @@ def _trial(config: dict) -> None:
 
     from pad_ray import distributed
     from pad_ray.augment import DSA
-    from pad_ray.matching import GRADIENT_PATHS, plan_steps
+    from pad_ray.matching import gradient_path, plan_steps
     from pad_ray.models import ConvNet, FlatParams
     from pad_ray.runtime import peak_memory_mb
 
@@ -59,10 +59,11 @@ def _trial(config: dict) -> None:
     start = net.flatten()
     target = start + 0.01 * torch.randn(start.shape, generator=gen).to(dev)
     dsa = DSA()
+    gradients = gradient_path(p["path"])
 
     def iteration() -> None:
         plan = plan_steps(n, min(p["batch"], n), p["steps"], (size, size), dsa, gen)
-        GRADIENT_PATHS[p["path"]](net, images, labels, syn_lr, start, target, plan, dsa, 0.25, "depth")
+        gradients(net, images, labels, syn_lr, start, target, plan, dsa, 0.25, "depth")
 
     iteration()
     common.sync(dev)

@@ -5,7 +5,7 @@ Tune sweeps, tracked in MLflow.
     cfg = pad_ray.load_config("configs/smoke.yaml")         # a preset plus overrides, validated
     sweep = pad_ray.load_sweep("sweeps/smoke.yaml")         # every trial config checked
     pad_ray.run_sweep(sweep)                                # Ray Tune + MLflow
-    best = pad_ray.load_synthetic("runs/.../synthetic_best.npz")
+    best = pad_ray.load_distilled("runs/.../distilled_best.safetensors")  # a torch Dataset, or runs:/ID/...
 
 The single-process algorithm lives in its modules: `from pad_ray.distill import distill` and
 `from pad_ray.evaluate import evaluate` (their names stay the modules', as Python binds them); the
@@ -31,6 +31,8 @@ _EXPORTS = {
     "SyntheticSet": "pad_ray.evaluate",
     "random_real_subset": "pad_ray.evaluate",
     "load_synthetic": "pad_ray.stages",
+    "load_distilled": "pad_ray.distilled",
+    "DistilledSet": "pad_ray.distilled",
 }
 
 __all__ = sorted(_EXPORTS)

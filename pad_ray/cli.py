@@ -9,6 +9,7 @@
     pad-ray validate FILE      check a run config or a sweep file; list every error
     pad-ray presets            the presets a run config can start from (`preset: NAME`)
     pad-ray data     NAME      download a dataset into --root in the layout pad_ray reads
+    pad-ray export   SOURCE    a run's distilled set as one safetensors file or a torchvision ImageFolder
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
     out = out or stages.run_dir(cfg)
     data = stages.load_data(cfg)
     if stage == "evaluate":
-        synthetic = stages.load_synthetic(synthetic_path or out / "synthetic_best.npz", data)
+        path = synthetic_path or out / "synthetic_best.npz"
+        if path.suffix == ".safetensors":
+            from pad_ray.distilled import for_evaluation
+
+            synthetic = for_evaluation(path, data)
+        else:
+            synthetic = stages.load_synthetic(path, data)
         return stages.final_evaluation(cfg, data, synthetic, device)
     if cfg.resources.workers > 0:
         order, trajectories = _experts_on_ray(stage, cfg, data)
@@ -98,9 +105,23 @@ def _stage(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.file, parse_overrides(args.overrides))  # a bad file stops before Ray starts
-    from pad_ray.sweep import exit_code, run_sweep
+    from pad_ray.sweep import launch
 
-    return exit_code(run_sweep(sweep))
+    return launch(sweep, args, str(args.file))
+
+
+def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
+    """--dry-run and --fresh / --resume, for `pad-ray sweep` and `python -m pad_ray.sweep` alike."""
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the trials, the expert sets (cached / to train, and their cost), the object-store "
+                             "bytes and each trial's memory on both gradient paths; train, start and write nothing")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--fresh", dest="rerun", action="store_const", const="fresh",
+                       help="start a new sweep: an earlier sweep of this name is moved aside to "
+                            "<storage_path>/<name>.replaced-<time> (nothing is deleted)")
+    group.add_argument("--resume", dest="rerun", action="store_const", const="resume",
+                       help="continue the earlier sweep of this name as it was started, although the file "
+                            "changed since (the changes are ignored)")
 
 
 def is_sweep(raw: Any) -> bool:
@@ -154,6 +175,13 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pad_ray.distilled import export
+
+    print(export(args.source, args.format, args.out, args.tracking_uri))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pad-ray", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,13 +203,21 @@ def _parser() -> argparse.ArgumentParser:
         sub = command(stage, _stage, "YAML run config (see: pad-ray presets)", "distill.iterations=20")
         sub.add_argument("--out", type=Path, help="run folder (default: output_dir/<preset>-<hash>)")
         sub.add_argument("--synthetic", type=Path, help="distilled set to evaluate (default: the run's best)")
-    command("sweep", _sweep, "sweep YAML (see sweeps/)", "base.distill.iterations=20")
+    add_sweep_flags(command("sweep", _sweep, "sweep YAML (see sweeps/)", "base.distill.iterations=20"))
     command("validate", _validate, "YAML run config or sweep file", "distill.alpha=0.3")
     command("presets", _presets, None).set_defaults(file=Path("pad-ray presets"))
     data = command("data", _data, None)
     data.add_argument("name", metavar="NAME", help="mnist, fashionmnist, kmnist, svhn, cifar10, cifar100, tinyimagenet")
     data.add_argument("--root", type=Path, required=True, help="data.root of the configs that will read it")
     data.set_defaults(file=Path("pad-ray data"))
+    export = command("export", _export, None)
+    export.add_argument("source", metavar="SOURCE", help="a distilled_best.safetensors, a run folder, a Tune trial "
+                        "folder, or an MLflow artifact URI (runs:/RUN_ID/distilled_best.safetensors)")
+    # Checked by the command, not argparse: a bad value is then one line, as every other input error.
+    export.add_argument("--format", default="safetensors", help="safetensors (default) or imagefolder")
+    export.add_argument("--out", type=Path, required=True, help="folder to create (missing or empty)")
+    export.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ sources (default: MLFLOW_TRACKING_URI)")
+    export.set_defaults(file=Path("pad-ray export"))
     return parser
 
 

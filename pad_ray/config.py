@@ -127,7 +127,9 @@ class DistillConfig(Section):
     eval_every: int = Field(500, ge=1)
     eval_nets: int = Field(1, ge=1)  # nets per evaluation during distillation (DATM uses 1)
     pix_init: Literal["correct", "real", "noise"] = "correct"
-    gradient: Literal["unrolled", "constant_memory"] = "unrolled"
+    # pad_ray.matching.GRADIENT_PATHS; auto keeps as many trailing steps' graphs as memory_budget_gb holds.
+    gradient: Literal["unrolled", "constant_memory", "auto"] = "unrolled"
+    memory_budget_gb: float | None = Field(None, gt=0)  # for auto's kept graphs; None: what is free, less a margin
     dsa: bool = True
 
     @model_validator(mode="after")

@@ -26,7 +26,7 @@ from pad_ray.config import ConfigError, RunConfig
 from pad_ray.data import Dataset
 from pad_ray.evaluate import Scores, SyntheticSet, evaluate
 from pad_ray.experts import seeded_model
-from pad_ray.matching import GRADIENT_PATHS, depth_cut, plan_steps
+from pad_ray.matching import depth_cut, gradient_path, plan_steps
 from pad_ray.models import FlatParams
 from pad_ray.runtime import derive_seed, generator, keep_freed_memory_in_heap, peak_memory_mb
 
@@ -155,6 +155,7 @@ class Distiller:
         self.net = FlatParams(model)
         _warn_if_cut_reaches_classifier(self.net, d.alpha, d.selection)
         self.dsa = DSA() if d.dsa else None
+        self.gradients = gradient_path(d.gradient, d.memory_budget_gb)
         self.gen = generator(derive_seed(cfg.seed, "distill"))
 
         finals = [_snapshot(t, len(t) - 1, device) for t in trajectories]
@@ -202,8 +203,8 @@ class Distiller:
         target = _snapshot(trajectory, start_epoch + d.expert_epochs, self.device)
         plan = plan_steps(len(self.images), d.batch_syn, d.syn_steps, tuple(self.images.shape[-2:]),
                           self.dsa, self.gen)
-        matched = GRADIENT_PATHS[d.gradient](self.net, self.images, self.labels, self.syn_lr, start, target,
-                                             plan, self.dsa, d.alpha, d.selection)
+        matched = self.gradients(self.net, self.images, self.labels, self.syn_lr, start, target,
+                                 plan, self.dsa, d.alpha, d.selection)
         if not math.isfinite(matched.loss):
             raise DivergenceError(f"matching loss is {matched.loss} at iteration {self.iteration}")
         skipped = matched.loss > d.threshold

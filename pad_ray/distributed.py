@@ -12,11 +12,13 @@ keep the autoscaler from releasing them).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import numpy as np
 import ray
 import torch
+from tqdm.auto import tqdm
 
 from pad_ray import stages
 from pad_ray.config import RunConfig, to_dict
@@ -85,6 +87,12 @@ def difficulty_order(cfg: RunConfig, data: Dataset) -> list[torch.Tensor]:
     runs = [_el2n_task.options(**options).remote(train, data.num_classes, to_dict(cfg),
                                                   derive_seed(cfg.data.seed, "el2n", k), cfg.resources.cpus_per_worker)
             for k in range(cfg.difficulty.seeds)]
+    pending = list(runs)
+    # Scoring takes minutes before any expert starts: a bar on the driver shows the seeds finishing.
+    with tqdm(total=len(runs), desc="EL2N seeds", file=sys.stderr) as bar:
+        while pending:
+            done, pending = ray.wait(pending)
+            bar.update(len(done))
     order = order_by_score(torch.stack(ray.get(runs)).mean(dim=0), data.train.labels, data.num_classes)
     cache.save(order)
     return order
@@ -128,6 +136,10 @@ def generate_experts(cfg: RunConfig, data: Dataset, order: list[torch.Tensor]) -
     if not missing:
         return store
     gpu = use_gpu(cfg)
+    workers = min(cfg.resources.workers, len(missing))
+    # The workers' per-expert bars (tqdm_ray) reach this driver's output once they start; this says what comes.
+    print(f"experts {store.key}: training {len(missing)} of {cfg.experts.num_experts} experts "
+          f"({cfg.experts.epochs} epochs each) on {workers} Ray Train worker(s)", file=sys.stderr)
     loop = {
         "config": to_dict(cfg), "missing": missing, "num_classes": data.num_classes,
         "threads": cfg.resources.cpus_per_worker,
@@ -140,7 +152,7 @@ def generate_experts(cfg: RunConfig, data: Dataset, order: list[torch.Tensor]) -
         _expert_worker,
         train_loop_config=loop,
         torch_config=TorchConfig(backend="gloo"),  # experts are independent: no collectives, no NCCL
-        scaling_config=ScalingConfig(num_workers=min(cfg.resources.workers, len(missing)), use_gpu=gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker=resources),
         run_config=TrainRunConfig(name=f"experts-{store.key}", storage_path=f"{cfg.output_dir}/ray_train",
                                   failure_config=FailureConfig(max_failures=cfg.resources.max_failures)),

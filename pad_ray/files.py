@@ -69,6 +69,17 @@ def exists(loc: Location) -> bool:
     return fs.isfile(path)
 
 
+def is_dir(loc: Location) -> bool:
+    fs, path, _ = _resolve(loc)
+    return fs.isdir(path)
+
+
+def move(source: Location, target: Location) -> None:
+    """Rename a folder (a copy and a delete on object stores, which cannot rename)."""
+    fs, path, _ = _resolve(source)
+    fs.mv(path, _resolve(target)[1], recursive=True)
+
+
 def remove(loc: Location) -> None:
     """Delete `loc` if it is there."""
     fs, path, _ = _resolve(loc)
@@ -142,6 +153,11 @@ def check_writable(loc: Location, key: str) -> None:
 def upload(local: Path, loc: Location) -> None:
     """Copy a finished local file to a location (object stores get it in one write)."""
     _write(loc, lambda handle: handle.write(Path(local).read_bytes()))
+
+
+def write_bytes(loc: Location, data: bytes) -> str:
+    """Write `data` to `loc` atomically; returns its sha256."""
+    return _write(loc, lambda handle: handle.write(data))
 
 
 def sha256(loc: Location) -> str:

@@ -13,11 +13,17 @@ released PAD.py), `none` keeps all. Both sums use the same K.
 stores only the N flat parameter vectors and back-propagates through one step at a time,
 recomputing it, so its memory does not grow with N; it is exact reverse-mode differentiation of the
 same computation, hence gives the unrolled path's gradients (TESLA's variant drops the terms that
-flow through theta_i; this one keeps them).
+flow through theta_i; this one keeps them). `auto_gradients` is the path between them that both are
+special cases of: it keeps the graphs of as many trailing steps as a memory budget holds and
+recomputes the rest, so an iteration recomputes only what the budget forces.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +48,7 @@ class Matching:
     grad_images: torch.Tensor
     grad_labels: torch.Tensor
     grad_lr: torch.Tensor
+    kept: int  # inner steps whose graphs were held; the others were recomputed
 
 
 def depth_cut(size: int, alpha: float) -> int:
@@ -103,20 +110,152 @@ def _distance_ratio(end: torch.Tensor, start: torch.Tensor, target: torch.Tensor
     return (mask * error).sum() / denominator, mask, denominator
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a new allocation could get now: on CUDA the device's free memory plus the blocks the
+    caching allocator holds unused; on the CPU the kernel's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class GraphBudget:
+    """How many trailing inner steps `auto_gradients` keeps in the graph: as many as fit in `budget_bytes`.
+
+    A kept step costs the storage its graph saves for the final backward. That is measured, not
+    modelled: every kept step runs under a saved-tensors hook that sums the distinct storages it saves
+    (0.30 GB for the CIFAR-10 ConvNet on 100 images), and the largest figure seen per batch size is the
+    estimate, since DSA draws a different augmentation each step. The first call has no figure yet and
+    keeps one step to get it. The estimate is multiplied by ALLOCATOR_OVERHEAD because the allocator
+    holds more than the tensors: with freed memory kept in glibc's heap, as Distiller has it on the
+    CPU, RSS grew by 0.485 GB per unrolled step there (BENCHMARKS.md, glibc-heap rows, N 10 to 20),
+    1.6x the saved bytes. One budget serves one model and image shape (one Distiller).
+
+    `budget_bytes` None means: what the device has free at the first call, times FREE_FRACTION. Once,
+    not at every call: on the CPU the heap keeps the freed graphs of the last iteration (see
+    runtime.keep_freed_memory_in_heap), which the kernel no longer counts as available, so a budget
+    read again would shrink by what this process itself holds for reuse.
+    """
+
+    ALLOCATOR_OVERHEAD = 1.6
+    # The rest of the free memory is for what the iteration needs besides kept graphs: the reverse
+    # sweep's one recomputed step, the final backward's buffers, and other processes' growth.
+    FREE_FRACTION = 0.8
+
+    def __init__(self, budget_bytes: int | None = None):
+        self.budget_bytes = budget_bytes
+        self.step_bytes: dict[int, int] = {}  # batch rows -> largest saved bytes of one kept step
+
+    def estimate(self, rows: int) -> float:
+        """Bytes one kept step of `rows` images will hold. A figure from a smaller batch is scaled up
+        in proportion and one from a larger batch is taken as it is, so both err on the large side."""
+        return self.ALLOCATOR_OVERHEAD * max(saved * max(1.0, rows / measured_rows)
+                                             for measured_rows, saved in self.step_bytes.items())
+
+    def kept_steps(self, plan: list[InnerStep], device: torch.device) -> int:
+        if self.budget_bytes is None:
+            self.budget_bytes = int(self.FREE_FRACTION * free_memory_bytes(device))
+        if not self.step_bytes:
+            return min(1, len(plan))
+        kept, used = 0, 0.0
+        for step in reversed(plan):
+            used += self.estimate(len(step.indices))
+            if used > self.budget_bytes:
+                break
+            kept += 1
+        return kept
+
+    @contextlib.contextmanager
+    def measuring(self, rows: int) -> Iterator[None]:
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield
+        self.step_bytes[rows] = max(self.step_bytes.get(rows, 0), sum(storages.values()))
+
+
+def auto_gradients(net: FlatParams, images: torch.Tensor, labels: torch.Tensor, syn_lr: torch.Tensor,
+                   start: torch.Tensor, target: torch.Tensor, plan: list[InnerStep], dsa: DSA | None,
+                   alpha: float, selection: str, budget: GraphBudget | None = None,
+                   kept: int | None = None) -> Matching:
+    """The last `kept` inner steps held in the graph, the ones before them recomputed by the exact
+    reverse sweep; `kept` defaults to as many as `budget` allows.
+
+    Steps 0..h-1 (h = N - kept) run without graphs, storing theta_0..theta_h. Steps h..N-1 run
+    unrolled from theta_h as a leaf, and one backward from the loss gives the kept steps' share of
+    the gradients of images, labels and syn_lr, and lam_h = dL/dtheta_h. The reverse sweep of
+    `two_pass_gradients` carries lam from there back to theta_0, adding the recomputed steps' shares.
+    kept = N is the unrolled path, kept = 0 the two-pass path: the same exact gradient either way.
+    """
+    if kept is None:
+        if budget is None:
+            # A budget made here would be new at every call and never get past its measuring step.
+            raise ValueError("auto_gradients needs a GraphBudget that lives across iterations, or kept")
+        kept = budget.kept_steps(plan, images.device)
+    if not 0 <= kept <= len(plan):
+        raise ValueError(f"kept: {kept} is not between 0 and the {len(plan)} inner steps")
+    head = len(plan) - kept
+    if head and images.device.type == "cpu":
+        # The recomputed steps' buffers are freed and allocated again one step at a time, as in the
+        # two-pass path: keeping them in the heap saves re-faulting them.
+        keep_freed_memory_in_heap()
+    rows_of = _rows_on(plan, images.device)
+    leaves = [t.detach().requires_grad_() for t in (images, labels, syn_lr)]
+    x_all, y_all, lr = leaves
+    images, labels, lr_value = (t.detach() for t in leaves)
+
+    thetas = [start.detach()]
+    for step, rows in zip(plan[:head], rows_of[:head]):
+        theta = thetas[-1].detach().requires_grad_()
+        grad = torch.autograd.grad(_batch_loss(net, theta, images[rows], labels[rows], step.draw, dsa), theta)[0]
+        thetas.append(theta.detach() - lr_value * grad)
+
+    anchor = theta = thetas.pop().detach().requires_grad_()
+    for step, rows in zip(plan[head:], rows_of[head:]):
+        with budget.measuring(len(rows)) if budget is not None else contextlib.nullcontext():
+            loss = _batch_loss(net, theta, x_all[rows], y_all[rows], step.draw, dsa)
+            grad = torch.autograd.grad(loss, theta, create_graph=True)[0]
+            theta = theta - lr * grad
+    loss, _, _ = _distance_ratio(theta, start, target, alpha, selection)
+    # dL/dtheta_h only where a sweep needs it: with kept = N it would cost a Hessian-vector product
+    # through step 0 that the unrolled path never computes. With kept = 0 the loss depends on none of
+    # the leaves, and their share is zero.
+    grads = torch.autograd.grad(loss, [*leaves, anchor] if head else leaves, materialize_grads=True)
+    grad_images, grad_labels, grad_lr = grads[:3]
+    lam = grads[3] if head else None
+
+    for step, rows, theta in zip(reversed(plan[:head]), reversed(rows_of[:head]), reversed(thetas)):
+        theta = theta.detach().requires_grad_()
+        x = images[rows].requires_grad_()
+        y = labels[rows].requires_grad_()
+        grad = torch.autograd.grad(_batch_loss(net, theta, x, y, step.draw, dsa), theta, create_graph=True)[0]
+        d_theta, d_x, d_y = torch.autograd.grad((grad * lam).sum(), (theta, x, y))
+        grad_lr = grad_lr - (grad.detach() * lam).sum()
+        # A step's rows are distinct (one chunk of a permutation), so each row receives one addition
+        # and the result does not depend on the order of CUDA's atomic adds.
+        grad_images.index_add_(0, rows, -lr_value * d_x)
+        grad_labels.index_add_(0, rows, -lr_value * d_y)
+        lam = lam - lr_value * d_theta
+    return Matching(loss.item(), grad_images, grad_labels, grad_lr, kept)
+
+
 def unrolled_gradients(net: FlatParams, images: torch.Tensor, labels: torch.Tensor, syn_lr: torch.Tensor,
                        start: torch.Tensor, target: torch.Tensor, plan: list[InnerStep], dsa: DSA | None,
                        alpha: float, selection: str) -> Matching:
     """The reference path: every inner step is kept in the graph (create_graph=True)."""
-    leaves = [t.detach().requires_grad_() for t in (images, labels, syn_lr)]
-    x_all, y_all, lr = leaves
-    theta = start.detach().clone().requires_grad_()
-    for step, rows in zip(plan, _rows_on(plan, images.device)):
-        loss = _batch_loss(net, theta, x_all[rows], y_all[rows], step.draw, dsa)
-        grad = torch.autograd.grad(loss, theta, create_graph=True)[0]
-        theta = theta - lr * grad
-    loss, _, _ = _distance_ratio(theta, start, target, alpha, selection)
-    grads = torch.autograd.grad(loss, leaves)
-    return Matching(loss.item(), *grads)
+    return auto_gradients(net, images, labels, syn_lr, start, target, plan, dsa, alpha, selection, kept=len(plan))
 
 
 def two_pass_gradients(net: FlatParams, images: torch.Tensor, labels: torch.Tensor, syn_lr: torch.Tensor,
@@ -128,38 +267,18 @@ def two_pass_gradients(net: FlatParams, images: torch.Tensor, labels: torch.Tens
         dL/dtheta_i = lam_{i+1} - lr * H_i lam_{i+1},  dL/d(batch_i) = -lr * d(g_i . lam_{i+1})/d(batch_i),
         dL/dlr = -sum_i g_i . lam_{i+1}.
     """
-    if images.device.type == "cpu":
-        # Its memory is bounded by one step, so keeping freed blocks costs little and saves re-faulting them.
-        keep_freed_memory_in_heap()
-    images, labels = images.detach(), labels.detach()
-    lr = syn_lr.detach()
-    rows_of = _rows_on(plan, images.device)
-    thetas = [start.detach()]
-    for step, rows in zip(plan, rows_of):
-        theta = thetas[-1].detach().requires_grad_()
-        loss = _batch_loss(net, theta, images[rows], labels[rows], step.draw, dsa)
-        grad = torch.autograd.grad(loss, theta)[0]
-        thetas.append(thetas[-1] - lr * grad)
-
-    end = thetas.pop().requires_grad_()
-    loss, _, _ = _distance_ratio(end, start, target, alpha, selection)
-    lam = torch.autograd.grad(loss, end)[0]
-
-    grad_images, grad_labels = torch.zeros_like(images), torch.zeros_like(labels)
-    grad_lr = torch.zeros_like(lr)
-    for step, rows, theta in zip(reversed(plan), reversed(rows_of), reversed(thetas)):
-        theta = theta.detach().requires_grad_()
-        x = images[rows].requires_grad_()
-        y = labels[rows].requires_grad_()
-        grad = torch.autograd.grad(_batch_loss(net, theta, x, y, step.draw, dsa), theta, create_graph=True)[0]
-        d_theta, d_x, d_y = torch.autograd.grad((grad * lam).sum(), (theta, x, y))
-        grad_lr -= (grad.detach() * lam).sum()
-        # A step's rows are distinct (one chunk of a permutation), so each row receives one addition
-        # and the result does not depend on the order of CUDA's atomic adds.
-        grad_images.index_add_(0, rows, -lr * d_x)
-        grad_labels.index_add_(0, rows, -lr * d_y)
-        lam = lam - lr * d_theta
-    return Matching(loss.item(), grad_images, grad_labels, grad_lr.reshape(syn_lr.shape))
+    return auto_gradients(net, images, labels, syn_lr, start, target, plan, dsa, alpha, selection, kept=0)
 
 
-GRADIENT_PATHS = {"unrolled": unrolled_gradients, "constant_memory": two_pass_gradients}
+GRADIENT_PATHS = ("unrolled", "constant_memory", "auto")
+
+
+def gradient_path(name: str, memory_budget_gb: float | None = None) -> Callable[..., Matching]:
+    """The function `distill.gradient` names; `auto` gets its own GraphBudget, so build one per Distiller."""
+    if name == "auto":
+        budget = GraphBudget(None if memory_budget_gb is None else int(memory_budget_gb * 1e9))
+        return functools.partial(auto_gradients, budget=budget)
+    paths = {"unrolled": unrolled_gradients, "constant_memory": two_pass_gradients}
+    if name not in paths:
+        raise ValueError(f"gradient: unknown path {name!r}; allowed: {', '.join(GRADIENT_PATHS)}")
+    return paths[name]

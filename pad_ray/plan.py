@@ -245,12 +245,6 @@ def expert_set_plans(sweep: SweepConfig) -> list[ExpertSetPlan]:
     return plans
 
 
-def trial_count(sweep: SweepConfig) -> int:
-    """Trials Tune runs: each grid point once per repeat; `choice` axes and distributions are drawn once
-    per trial (`sweep._param_space`)."""
-    return math.prod(len(a.values) for a in sweep.space.values() if a.kind == "grid") * sweep.num_samples
-
-
 def _trial_configs(sweep: SweepConfig) -> list[RunConfig]:
     """Every config the finite axes give, distributions at both ends: memory grows with N and batch, so
     the largest trial is among them."""
@@ -360,9 +354,12 @@ def describe(sweep: SweepConfig, source: str) -> str:
     grid = [f"{key} {len(axis.values)}" for key, axis in sweep.space.items() if axis.kind == "grid"]
     drawn = [f"{key} {axis.kind} {list(axis.values)}" for key, axis in sweep.space.items() if axis.kind != "grid"]
     repeats = [f"{sweep.num_samples} repeats"] if sweep.num_samples > 1 else []
+    if sweep.search.kind == "grid":
+        trials = (f"trials: {sweep.total_trials} ({' x '.join(grid + repeats) or 'one point'}"
+                  + (f"; drawn once per trial: {', '.join(drawn)}" if drawn else "") + ")")
+    else:
+        trials = f"trials: {sweep.total_trials} ({sweep.search.kind} search budget: num_samples draws of the space)"
     sets = expert_set_plans(sweep)
     return "\n".join([
-        f"plan of sweep {sweep.name} ({source}); nothing has been trained, started or written",
-        f"trials: {trial_count(sweep)} ({' x '.join(grid + repeats) or 'one point'}"
-        + (f"; drawn once per trial: {', '.join(drawn)}" if drawn else "") + ")",
+        f"plan of sweep {sweep.name} ({source}); nothing has been trained, started or written", trials,
         *_expert_lines(sets), *_object_store_lines(sweep, sets), *_memory_lines(sweep)])

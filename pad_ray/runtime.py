@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import resource
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -102,3 +105,24 @@ def keep_freed_memory_in_heap() -> bool:
     applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     _heap_reuse["applied"] = applied
     return applied
+
+
+@functools.lru_cache(maxsize=1)
+def software() -> dict[str, str | None]:
+    """pad_ray's and its main libraries' versions (None: not installed), and pad_ray's git commit when it
+    runs from a checkout (an installed wheel or a Ray job's copied working dir has none: None)."""
+    from importlib import metadata
+
+    found: dict[str, str | None] = {}
+    for package in ("pad_ray", "ray", "torch", "torchvision", "mlflow"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10)
+        found["git_commit"] = commit.stdout.strip() if commit.returncode == 0 and commit.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        found["git_commit"] = None
+    return found

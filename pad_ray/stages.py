@@ -21,6 +21,7 @@ from pad_ray import files
 from pad_ray.config import ConfigError, RunConfig, to_dict
 from pad_ray.difficulty import el2n_run, load_index_file, order_by_score
 from pad_ray.distill import Distiller, distill
+from pad_ray.distilled import FILE_NAME as DISTILLED_FILE, save_distilled
 from pad_ray.evaluate import Scores, SyntheticSet, accuracy, evaluate
 from pad_ray.experts import ExpertRun
 from pad_ray.runtime import derive_seed
@@ -186,6 +187,9 @@ def run_distillation(cfg: RunConfig, data: datasets.Dataset, trajectories: list[
     state = files.load_torch(checkpoint) if checkpoint.is_file() else None
     distiller = distill(cfg, data, trajectories, device, state=state, on_eval=on_eval, progress=progress)
     save_synthetic(out / "synthetic_best.npz", distiller.best_synthetic())
+    save_distilled(out / DISTILLED_FILE, distiller.best_synthetic(), data, cfg,
+                   {"run_dir": str(out), "best_iteration": distiller.best.iteration,
+                    "best_val_accuracy": distiller.best.val})
     save_synthetic(out / "synthetic_final.npz", distiller.synthetic())
     save_grid(out / "synthetic.png", distiller.best_synthetic(), data, cfg.distill.ipc)
     return distiller

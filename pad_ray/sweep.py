@@ -3,18 +3,26 @@ IPC, alpha, IR and AEE on Ray Tune.
 
 The driver validates the whole sweep, makes the expert sets the space needs (Ray Train, reusing the
 store), puts their trajectories in the object store, and runs one Tune function trial per sampled
-config with ASHA on validation accuracy. Trials checkpoint at every evaluation; a crashed trial is
-retried from its last checkpoint, a diverged one fails with its reason while the others go on, and
-running the same command again resumes an interrupted sweep. MLflow gets a parent run per invocation
-and a child run per trial; the end brings a results table, the best config and plots.
+config (`search:` grid, random or Optuna's TPE) with ASHA on validation accuracy. Trials checkpoint at
+every evaluation; a crashed trial is retried from its last checkpoint, a diverged one fails with its
+reason while the others go on. MLflow gets one parent run per sweep and a child run per trial; the end
+brings a results table, the best config and plots.
+
+Running the same file again resumes an interrupted sweep (finished trials are not rerun). An edited file
+is refused before any work (exit 2) unless --resume (continue the sweep as first started, ignoring the
+edits) or --fresh (move the old sweep folder aside to <name>.replaced-<time> and start a new sweep).
+An interrupted sweep (Ctrl-C, SIGTERM) saves its state, marks its MLflow parent run KILLED, writes its
+results so far with partial=true, and exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +33,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pad_ray import distributed, files, plan, report, stages, tracking
+from pad_ray import distributed, files, plan, progress, report, rerun, stages, tracking
+from pad_ray.cli import add_sweep_flags
 from pad_ray.config import RunConfig, absolute, parse_overrides, to_dict, with_absolute_paths
 from pad_ray.data import Dataset
 from pad_ray.distill import Distiller, distill
+from pad_ray.distilled import FILE_NAME as DISTILLED_FILE, save_distilled
 from pad_ray.errors import input_error, input_error_types
 from pad_ray.scheduling import GroupedASHA
 from pad_ray.sweep_config import REPEAT, SweepConfig, evaluations_by_group, finite_grid, load_sweep, trial_config
 from pad_ray.trajectories import TrajectoryStore
 
 PARENT_RUN_ENV = "PAD_RAY_MLFLOW_PARENT_RUN"
+INTERRUPTED = 130  # the exit status of a sweep stopped before all its trials ended, as shells give Ctrl-C
 
 
 # -- the trial --------------------------------------------------------------------------------
@@ -64,6 +75,11 @@ def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: dict[int, 
             distiller.save(out / "state.pt")
             best = distiller.best_synthetic()
             stages.save_synthetic(out / "synthetic_best.npz", best)
+            context = tune.get_context()
+            save_distilled(out / DISTILLED_FILE, best, dataset, cfg, {
+                "sweep": context.get_experiment_name(), "trial_id": context.get_trial_id(),
+                "trial_name": context.get_trial_name(), "best_iteration": distiller.best.iteration,
+                "best_val_accuracy": distiller.best.val})
             stages.save_grid(out / "synthetic.png", best, dataset, cfg.distill.ipc)
             (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             if metrics["iteration"] == cfg.distill.iterations:
@@ -130,17 +146,51 @@ def _param_space(sweep: SweepConfig) -> dict[str, Any]:
             space[key] = samplers[axis.kind](list(axis.values))
         else:
             space[key] = getattr(tune, axis.kind)(*axis.values)
-    if sweep.num_samples > 1:
-        # Tune's own repeats would run identical trials; an index gives each repeat its own seed.
+    if sweep.num_samples > 1 and sweep.search.kind == "grid":
+        # Tune's own repeats would run identical trials; an index gives each repeat its own seed. Under
+        # random and optuna search num_samples is the number of draws instead (_tune_samples).
         space[REPEAT] = tune.grid_search(list(range(sweep.num_samples)))
     return space
 
 
-def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
+def _tune_samples(sweep: SweepConfig) -> int:
+    return 1 if sweep.search.kind == "grid" else sweep.num_samples
+
+
+def _search_alg(sweep: SweepConfig, seed: int):
+    if sweep.search.kind == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        # Tune saves the searcher's state (the study, TPE's random state) with the experiment and
+        # `Tuner.restore` loads it, so a resumed sweep goes on with the same study.
+        return ConcurrencyLimiter(OptunaSearch(metric=sweep.asha.metric, mode=sweep.asha.mode, seed=seed),
+                                  max_concurrent=sweep.search.concurrency)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    return BasicVariantGenerator(random_state=seed)
+
+
+@dataclass
+class SweepRun:
+    results: tune.ResultGrid
+    unfinished: int  # trials that did not reach their end (an interrupted sweep), those never started included
+
+    @property
+    def exit_code(self) -> int:
+        """130 when interrupted; else 0 when at least one trial finished, 1 when every trial failed."""
+        if self.unfinished:
+            return INTERRUPTED
+        return 0 if any(r.error is None for r in self.results) else 1
+
+
+def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
+    """Run (or resume) a sweep; `rerun_as` says what to do when its folder holds a different sweep."""
     # Everything that can be wrong with the input is checked before anything is written or trained.
     sweep = _absolute_base(sweep)
+    path = f"{sweep.storage_path}/{sweep.name}"
+    plan = rerun.plan(sweep, path, rerun_as, tune.Tuner.can_restore(path))
+    sweep = plan.sweep
     first = trial_config(sweep, finite_grid(sweep)[0])
     splits = _load_splits(sweep)
     for key, where in (("storage_path", sweep.storage_path), ("base.output_dir", first.output_dir),
@@ -153,8 +203,12 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
     tracking.check_reachable(uri)
     client = MlflowClient(uri)
     experiment_id = tracking.open_experiment(client, sweep.mlflow.experiment or sweep.name, uri)
+    if plan.move_aside:
+        rerun.move_aside(plan.move_aside)
 
-    ray.init(log_to_driver=True)
+    context = ray.init(log_to_driver=True)
+    _stop_on_sigterm()  # after ray.init: Ray's core worker installs a SIGTERM handler of its own that exits
+    print(progress.addresses(tracking.ui_link(uri, experiment_id), context.dashboard_url), file=sys.stderr)
     experts = {}
     for key, (cfg, last_epoch, count) in _expert_sets(sweep).items():
         order = distributed.difficulty_order(cfg, splits[cfg.data.seed])
@@ -165,8 +219,13 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
         tracking.log_expert_set(client, experiment_id, sweep.name, cfg, quality)
         experts[key] = distributed.put_trajectories(store, count, last_epoch)
 
-    parent = client.create_run(experiment_id, run_name=f"{sweep.name} sweep", tags={"sweep": sweep.name})
-    os.environ[PARENT_RUN_ENV] = parent.info.run_id
+    parent_id = tracking.reopen_parent(client, plan.parent_run_id)
+    if parent_id is None:
+        parent_id = client.create_run(experiment_id, run_name=f"{sweep.name} sweep",
+                                      tags={"sweep": sweep.name}).info.run_id
+        tracking.describe_sweep(client, parent_id, sweep, rerun.fingerprint(sweep))
+    rerun.write_record(path, sweep, parent_id)
+    os.environ[PARENT_RUN_ENV] = parent_id
     max_t = evaluations_by_group(sweep)
     threads = max(1, int(sweep.trial_resources.cpu))
     trainable = tune.with_resources(
@@ -174,13 +233,13 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
                              data={seed: ray.put(split) for seed, split in splits.items()}, experts=experts,
                              threads=threads),
         {"cpu": sweep.trial_resources.cpu, "gpu": sweep.trial_resources.gpu})
-    path = f"{sweep.storage_path}/{sweep.name}"
     if tune.Tuner.can_restore(path):
         # Finished and failed trials stay as they are; unfinished ones continue from their checkpoints.
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     else:
         callback = tracking.MlflowSweepCallback(uri, experiment_id, sweep.name, PARENT_RUN_ENV, max_t,
                                                 sweep.model_dump(mode="json"), held_path=f"{path}/mlflow_held.json")
+        seed = first.seed if sweep.search.seed is None else sweep.search.seed
         tuner = tune.Tuner(
             trainable,
             param_space=_param_space(sweep),
@@ -188,32 +247,49 @@ def run_sweep(sweep: SweepConfig) -> tune.ResultGrid:
                 scheduler=GroupedASHA(sweep.group_by, max_t, metric=sweep.asha.metric, mode=sweep.asha.mode,
                                       grace_period=sweep.asha.grace_period,
                                       reduction_factor=sweep.asha.reduction_factor),
-                num_samples=1,  # repeats are the space's repeat index (_param_space)
-                max_concurrent_trials=sweep.max_concurrent_trials or None,
-                search_alg=BasicVariantGenerator(random_state=first.seed)),
+                num_samples=_tune_samples(sweep), max_concurrent_trials=sweep.max_concurrent_trials or None,
+                search_alg=_search_alg(sweep, seed)),
             run_config=tune.RunConfig(
                 name=sweep.name, storage_path=sweep.storage_path, callbacks=[callback],
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
-    results = tuner.fit()
     try:
-        report.summarize(results, sweep, path, client, parent.info.run_id)
-        client.set_terminated(parent.info.run_id)
+        results = tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C skips Tune's own saving; the parent run still says so
+        tracking.end_parent(client, parent_id, partial=True)
+        raise
+    run = SweepRun(results, report.unfinished(results, sweep))
+    if run.unfinished:
+        print(f"pad_ray.sweep: interrupted: {run.unfinished} of {sweep.total_trials} trials did not finish; the "
+              f"results in {path} are partial (partial=true); run the same command again to resume",
+              file=sys.stderr)
+    try:
+        report.summarize(results, sweep, path, client, parent_id, partial=bool(run.unfinished))
+        tracking.end_parent(client, parent_id, partial=bool(run.unfinished))
     except (MlflowException, OSError) as exc:  # requests' errors are OSErrors
         # The callback has said so already when it holds updates; then this is the same outage.
         if not files.exists(f"{path}/mlflow_held.json"):
             print(f"pad_ray.sweep: error: MLflow at {uri} is unreachable ({str(exc).splitlines()[0][:200]}); the "
                   f"results table and best config are in {path} but not in MLflow (rerun the same command once "
                   "the server is back to log them)", file=sys.stderr)
-        return results
-    print(f"MLflow: mlflow ui --backend-store-uri {uri}", file=sys.stderr)
-    return results
+        return run
+    print(f"MLflow: {tracking.ui_link(uri, experiment_id)}", file=sys.stderr)
+    return run
 
 
-def exit_code(results: tune.ResultGrid) -> int:
-    """0 when at least one trial finished; 1 when every trial failed."""
-    return 0 if any(r.error is None for r in results) else 1
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`) stops the sweep as Ctrl-C does: Tune saves its state and the
+    parent run is marked KILLED, instead of the process dying mid-write."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+
+
+def launch(sweep: SweepConfig, args: argparse.Namespace, source: str) -> int:
+    """What both sweep commands do with a loaded sweep: plan it (--dry-run) or run it."""
+    if args.dry_run:
+        print(plan.describe(sweep, source))
+        return 0
+    return run_sweep(sweep, args.rerun).exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,20 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", type=Path, help="sweep YAML (see sweeps/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one sweep key, e.g. --set base.distill.iterations=20")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the trials, the expert sets (cached / to train, and their cost), the object-store "
-                             "bytes and each trial's memory on both gradient paths; train, start and write nothing")
+    add_sweep_flags(parser)
     args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep, parse_overrides(args.overrides))
-        if args.dry_run:
-            print(plan.describe(sweep, str(args.sweep)))
-            return 0
-        results = run_sweep(sweep)
+        return launch(sweep, args, str(args.sweep))
     except input_error_types() as exc:
         print(f"pad_ray.sweep: error: {input_error(exc, args.sweep)}", file=sys.stderr)
         return 2
-    return exit_code(results)
+    except KeyboardInterrupt:
+        print("pad_ray.sweep: interrupted; run the same command again to resume", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

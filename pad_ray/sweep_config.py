@@ -27,6 +27,7 @@ SPACE_ALIASES = {"ipc": "distill.ipc", "alpha": "distill.alpha", "ir": "schedule
 REPEAT = "repeat"
 FINITE_KINDS = ("grid", "choice")
 SAMPLED_KINDS = ("uniform", "loguniform", "quniform", "randint")
+OPTUNA_MAX_CONCURRENT = 4
 
 
 class Axis(Section):
@@ -60,6 +61,20 @@ class AshaConfig(Section):
     group_by: tuple[str, ...] = ("ipc",)
 
 
+class SearchConfig(Section):
+    """How Tune picks trial configs: every grid point (distributions drawn num_samples times), num_samples
+    random draws, or num_samples suggestions of Optuna's TPE, which learns from the finished trials."""
+
+    kind: Literal["grid", "random", "optuna"] = "grid"
+    seed: int | None = None  # default: the base run config's seed
+    # optuna only: TPE suggests from what has finished, so running every trial at once would make it random.
+    max_concurrent: int | None = Field(None, ge=1)
+
+    @property
+    def concurrency(self) -> int:
+        return self.max_concurrent or OPTUNA_MAX_CONCURRENT
+
+
 class TrialResources(Section):
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
@@ -75,6 +90,7 @@ class SweepConfig(Section):
     base: dict[str, Any]
     space: dict[str, Axis]
     asha: AshaConfig = AshaConfig()
+    search: SearchConfig = SearchConfig()
     trial_resources: TrialResources = TrialResources()
     max_concurrent_trials: int = Field(0, ge=0)  # 0: as many as the cluster fits
     num_samples: int = Field(1, ge=1)
@@ -91,9 +107,18 @@ class SweepConfig(Section):
         return SPACE_ALIASES.get(key, key)
 
     @property
+    def total_trials(self) -> int:
+        """The trials a whole run of the sweep makes: grid points x num_samples, or num_samples draws."""
+        points = 1
+        if self.search.kind == "grid":
+            for axis in self.space.values():
+                points *= len(axis.values) if axis.kind == "grid" else 1
+        return points * self.num_samples
+
+    @property
     def trial_keys(self) -> tuple[str, ...]:
         """The keys of a trial's params: the space's, and the repeat index where there are repeats."""
-        return (*self.space, *((REPEAT,) if self.num_samples > 1 else ()))
+        return (*self.space, *((REPEAT,) if self.num_samples > 1 and self.search.kind == "grid" else ()))
 
 
 def _parse_axis(spec: Any) -> dict[str, Any] | None:
@@ -204,6 +229,20 @@ def _space_problems(sweep: SweepConfig, axes_dropped: bool) -> list[str]:
     for key in sweep.asha.group_by:
         if key not in sweep.space and key != "ipc":  # the default groups by IPC only where IPC is swept
             problems.append(f"asha.group_by: {key!r} is not a key of space; allowed: {', '.join(sweep.space)}")
+    return problems + _search_problems(sweep)
+
+
+def _search_problems(sweep: SweepConfig) -> list[str]:
+    kind = sweep.search.kind
+    problems = []
+    if sweep.search.max_concurrent is not None and kind != "optuna":
+        problems.append(f"search.max_concurrent: only search.kind optuna takes it; {kind} runs "
+                        "max_concurrent_trials at once")
+    if kind != "grid":
+        # A list means a grid everywhere; sampling it would silently change what the file says.
+        problems += [f"space.{key}: a list is a grid, which search.kind {kind} cannot sample; write "
+                     f"{{choice: {list(axis.values)}}} or use search.kind grid"
+                     for key, axis in sweep.space.items() if axis.kind == "grid"]
     return problems
 
 

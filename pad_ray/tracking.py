@@ -1,4 +1,5 @@
-"""MLflow for sweeps: one experiment per sweep, a parent run per invocation, one child run per trial.
+"""MLflow for sweeps: one experiment per sweep, one parent run per sweep (kept across resumes), one child
+run per trial.
 
 A Tune callback on the driver does the logging, in one `log_batch` call per reported result (the
 built-in callback logs metric by metric, about five times slower) and finds a trial's run by its
@@ -7,6 +8,7 @@ built-in callback logs metric by metric, about five times slower) and finds a tr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -17,13 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from PIL import Image
 from ray.tune import Callback
 
 from pad_ray import files
 from pad_ray.config import ConfigError, RunConfig, to_dict
+from pad_ray.runtime import software
 from pad_ray.scheduling import group_key
 from pad_ray.sweep_config import SweepConfig, trial_config
 from pad_ray.trajectories import ExpertQuality
@@ -36,6 +42,9 @@ _PER_STEP = ("loss", "skipped", "syn_lr", "start_epoch")
 _EVALUATION_METRIC = "val_accuracy"  # reported at every evaluation, stepped by iteration
 _TAGS = ("expert_store_key",)  # reported strings that become tags of the trial's run
 _MAX_METRICS = 1000  # MLflow's limit per log_batch call
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview ("Traces 0") instead of the runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+_PAD_AXES = ("ipc", "alpha", "ir", "aee")
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -68,11 +77,61 @@ def open_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
     except Exception as exc:  # noqa: BLE001 - any failure to reach the store is the same user error
         raise ConfigError(f"mlflow.tracking_uri: cannot reach {tracking_uri}: {str(exc).splitlines()[0]}") from None
     if found is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in found.tags:  # made by an older pad_ray or by hand
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///"):
         location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+def ui_link(tracking_uri: str, experiment_id: str) -> str:
+    """Where a person sees the sweep: the experiment's runs (`workflowType` keeps MLflow 3's UI off its
+    GenAI pages), on the tracking server or on a local `mlflow ui` over the same store."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
+
+
+def trial_run_name(cfg: RunConfig, params: dict[str, Any]) -> str:
+    """`ipc10 alpha0.25 ir0.5 aee20`, then any other swept value by its last key part, so that MLflow's
+    runs table reads without opening each run."""
+    values = {"ipc": cfg.distill.ipc, "alpha": cfg.distill.alpha, "ir": cfg.schedule.init_ratio,
+              "aee": cfg.schedule.add_end_epoch}
+    values.update((key.rsplit(".", 1)[-1], value) for key, value in params.items() if key not in _PAD_AXES)
+    return " ".join(f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}"
+                    for name, value in values.items())
+
+
+def reopen_parent(client: MlflowClient, run_id: str | None) -> str | None:
+    """The parent run of an earlier start of this sweep, running again; None when there is none (or it
+    was deleted from MLflow), and a new parent is made."""
+    if run_id is None:
+        return None
+    try:
+        if client.get_run(run_id).info.lifecycle_stage != "active":
+            return None
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    except MlflowException:
+        return None
+    return run_id
+
+
+def end_parent(client: MlflowClient, run_id: str, partial: bool) -> None:
+    """FINISHED, or KILLED with a `partial` tag when trials did not finish; so are their unfinished runs."""
+    client.set_tag(run_id, "partial", str(partial).lower())
+    if not partial:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        return
+    killed = RunStatus.to_string(RunStatus.KILLED)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    for child in client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and "
+                                                     "attributes.status = 'RUNNING'"):
+        client.set_terminated(child.info.run_id, killed)
+    client.set_terminated(run_id, killed)
 
 
 def flat_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -112,6 +171,24 @@ def log_expert_set(client: MlflowClient, experiment_id: str, sweep_name: str, cf
     return run_id
 
 
+def describe_sweep(client: MlflowClient, run_id: str, sweep: SweepConfig, fingerprint: str = "") -> None:
+    """The parent run holds what the sweep was: its resolved file, its search space as params, and the
+    software (and its fingerprint when known), so a run in the UI can be told apart from a rerun."""
+    resolved = sweep.model_dump(mode="json")
+    params = {f"space.{key}": json.dumps(axis) for key, axis in resolved["space"].items()}
+    params.update(num_samples=sweep.num_samples, group_by=",".join(sweep.group_by), asha_metric=sweep.asha.metric)
+    versions = software()
+    tags = {"git_commit": versions.pop("git_commit") or "unknown",
+            **{f"version.{package}": found or "not installed" for package, found in versions.items()},
+            **({"sweep_fingerprint": fingerprint} if fingerprint else {})}
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "sweep.yaml"
+        path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        client.log_artifact(run_id, str(path))
+
+
 @dataclass
 class _Update:
     """One logging event, as plain data, so it can wait while the tracking server is away."""
@@ -144,7 +221,7 @@ class _Update:
 class MlflowSweepCallback(Callback):
     """Tune pickles its callbacks with the experiment so that a restored sweep gets them back: this
     one keeps only plain settings and updates and opens its client lazily. The parent run is read
-    from the environment because each invocation (including a resume) opens its own.
+    from the environment: the driver settles it at each start (on a resume, the one first recorded).
 
     Updates are applied in order; while the server cannot be reached they are held and retried at
     the next event, so a trial's metrics reach MLflow when the server returns. Held updates are also
@@ -199,6 +276,14 @@ class MlflowSweepCallback(Callback):
         max_t = self.max_t[group_key(trial.config, SweepConfig.model_validate(self.sweep).group_by)]
         stopped_early = (trial.last_result or {}).get("training_iteration", 0) < max_t
         self._record(trial, "complete", artifacts=artifacts, stopped_early=stopped_early)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        # The set at every evaluation, stepped by iteration: MLflow shows it evolving, also for trials
+        # that ASHA stops or that fail later. Tune has processed this checkpoint's result already.
+        grids = _copies_of(checkpoint, ("synthetic.png",))
+        if grids:
+            step = int((trial.last_result or {}).get("iteration", 0))
+            self._record(trial, "grid", path=grids[0], step=step)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._record(trial, "error", reason=_error_reason(trial))
@@ -272,6 +357,12 @@ class MlflowSweepCallback(Callback):
             self._batch(run_id, metrics=update.payload["metrics"], tags=update.payload.get("tags", ()))
             if step is not None:
                 self._logged[update.trial_id] = step
+        elif update.kind == "grid":
+            path = Path(update.payload["path"])
+            if path.is_file():  # gone when an earlier invocation logged it before its held file was rewritten
+                with Image.open(path) as image:
+                    self.client.log_image(run_id, image.copy(), key="synthetic", step=update.payload["step"])
+                shutil.rmtree(path.parent, ignore_errors=True)
         elif update.kind == "complete":
             for path in update.payload["artifacts"]:
                 self.client.log_artifact(run_id, path)
@@ -297,12 +388,13 @@ class MlflowSweepCallback(Callback):
         else:
             cfg = trial_config(SweepConfig.model_validate(self.sweep), update.config)
             run_id = self.client.create_run(self.experiment_id, tags={
-                MLFLOW_PARENT_RUN_ID: os.environ[self.parent_env], MLFLOW_RUN_NAME: update.trial_name,
+                MLFLOW_PARENT_RUN_ID: os.environ[self.parent_env], MLFLOW_RUN_NAME: trial_run_name(cfg, update.config),
                 "trial_id": update.trial_id, "sweep": self.sweep_name}).info.run_id
             pad = {"ipc": cfg.distill.ipc, "alpha": cfg.distill.alpha, "ir": cfg.schedule.init_ratio,
                    "aee": cfg.schedule.add_end_epoch}
-            params = {**{f"config.{k}": v for k, v in flat_params(to_dict(cfg)).items()},
-                      **{k: str(v) for k, v in {**pad, **update.config}.items()}}
+            # The swept values first: MLflow's run page lists params in the order they were logged.
+            params = {**{k: str(v) for k, v in {**pad, **update.config}.items()},
+                      **{f"config.{k}": v for k, v in flat_params(to_dict(cfg)).items()}}
             self._batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         self._runs[update.trial_id] = run_id
         return run_id
@@ -319,14 +411,19 @@ class MlflowSweepCallback(Callback):
 
 
 def _artifacts_of(checkpoint) -> list[str]:
-    """Local copies of a checkpoint's artefacts (the storage may be remote, and Tune prunes old
-    checkpoints), kept until they are logged."""
+    """Local copies of a checkpoint's artefacts, kept until they are logged."""
+    return _copies_of(checkpoint, (".png", ".npz", ".json", ".yaml", ".safetensors"))
+
+
+def _copies_of(checkpoint, endings: tuple[str, ...]) -> list[str]:
+    """Local copies of the checkpoint's files whose names end with one of `endings` (the storage may be
+    remote, and Tune prunes old checkpoints before a held update is logged)."""
     if checkpoint is None:
         return []
     keep = Path(tempfile.mkdtemp(prefix="pad_ray_artifacts_"))
     with checkpoint.as_directory() as folder:
         for path in sorted(Path(folder).iterdir()):
-            if path.suffix in (".png", ".npz", ".json", ".yaml"):
+            if path.name.endswith(endings):
                 shutil.copy2(path, keep / path.name)
     return [str(p) for p in sorted(keep.iterdir())]
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from pad_ray.runtime import derive_seed
 torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SWEEP_REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tmp_path: Path | None = None, **sections) -> RunConfig:
@@ -110,6 +112,29 @@ def sweep_home(tmp_path, mnist_root, monkeypatch):
     monkeypatch.setenv("PAD_RAY_DATA", str(mnist_root))
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     return tmp_path / "home"
+
+
+# -- the sweep driver as users run it ----------------------------------------------------------------
+
+def wait_for(condition, what: str, timeout: float = 600, poll: float = 0.5, alive=None):
+    """Poll a real condition (a file, a process, a server) until it holds; fail at once if the
+    process `alive` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"the process exited ({alive.returncode}) before {what}")
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_driver(sweep: Path, log_path: Path, *flags: str):
+    """The sweep driver in the background, its output to a file (a pipe nobody reads would block it)."""
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep), *flags], cwd=SWEEP_REPO, stdout=log,
+                            stderr=subprocess.STDOUT), log
 
 
 # -- a Ray cluster of the test's own ---------------------------------------------------------------
@@ -287,3 +312,26 @@ def warm_store(sweep_home, smoke_store) -> Path:
     """A copy of the session's smoke store where sweeps/smoke.yaml looks for it (PAD_RAY_HOME/store)."""
     shutil.copytree(smoke_store, sweep_home / "store")
     return sweep_home / "store"
+
+
+# -- a real MLflow server -----------------------------------------------------------------------
+
+def start_mlflow_server(home: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on localhost:`port`, a sqlite store and served artifacts under `home`; returns
+    once it accepts connections."""
+    home.mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{home}/server.db", "--artifacts-destination", str(home / "served"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def healthy():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_for(healthy, "the MLflow server", timeout=300, alive=server)
+    return server

@@ -149,10 +149,15 @@ def test_the_best_set_survives_a_checkpoint(tiny, tmp_path):
     assert not torch.equal(resumed.best_synthetic().images, resumed.images.detach())
 
 
-def test_constant_memory_path_matches_unrolled(tiny):
+@pytest.mark.parametrize("gradient", [
+    {"gradient": "constant_memory"},
+    {"gradient": "auto"},  # keeps one step while it measures, then all of them
+    {"gradient": "auto", "memory_budget_gb": 1e-9},  # keeps one step, then none
+])
+def test_other_gradient_paths_match_unrolled(tiny, gradient):
     cfg, data, _, trajectories = tiny
     unrolled = Distiller(cfg, data, trajectories, CPU)
-    constant = Distiller(tiny_config(distill={"gradient": "constant_memory"}), data, trajectories, CPU)
+    constant = Distiller(tiny_config(distill=gradient), data, trajectories, CPU)
     _run(unrolled, 3)
     _run(constant, 3)
     torch.testing.assert_close(constant.images, unrolled.images, rtol=1e-4, atol=1e-5)

@@ -6,10 +6,8 @@ import json
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import free_ports, tiny_config
+from conftest import free_ports, start_driver, start_mlflow_server, tiny_config, wait_for
 from pad_ray import files, stages
 from pad_ray.evaluate import SyntheticSet
 from pad_ray.trajectories import TrajectoryStore
@@ -27,20 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = yaml.safe_load((REPO / "sweeps" / "smoke.yaml").read_text())
 
 
-
-
-def _wait_for(condition, what: str, timeout: float = 600, poll: float = 0.5, alive=None):
-    """Poll a real condition (a file, a process, a server) until it holds; fail at once if the
-    process `alive` exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if alive is not None and alive.poll() is not None:
-            raise AssertionError(f"the process exited ({alive.returncode}) before {what}")
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _write_sweep(tmp_path: Path, **changes) -> Path:
@@ -59,22 +43,15 @@ def _results(home: Path, name: str) -> list[list[dict]]:
     return out
 
 
-def _start_driver(sweep: Path, tmp_path: Path):
-    """The sweep driver in the background, its output to a file (a pipe nobody reads would block it)."""
-    log = open(tmp_path / "driver.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT), log
-
-
 def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, warm_store, ray_cluster_with_dashboard,
                                                                 tmp_path):
     home, cluster = sweep_home, ray_cluster_with_dashboard
     sweep = _write_sweep(tmp_path, name="kill", space={"alpha": [0.1]},
                          base={**SMOKE["base"], "distill": {"iterations": 40, "eval_every": 4}},
                          asha={"grace_period": 10}, max_failures=2)
-    driver, log = _start_driver(sweep, tmp_path)
+    driver, log = start_driver(sweep, tmp_path / "driver.log")
     try:
-        _wait_for(lambda: any(len(r) >= 3 for r in _results(sweep_home, "kill")), "three checkpointed evaluations", alive=driver)
+        wait_for(lambda: any(len(r) >= 3 for r in _results(sweep_home, "kill")), "three checkpointed evaluations", alive=driver)
         # This test's trial actor, from the state API of this test's cluster: nobody else's process.
         (trial_pid,) = cluster.actor_pids("ImplicitFunc")
         assert trial_pid in {p.pid for p in cluster.processes()}
@@ -94,37 +71,18 @@ def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, warm_
     assert "failures" in (tmp_path / "driver.log").read_text()
 
 
-def _mlflow_server(home: Path, port: int) -> subprocess.Popen:
-    home.mkdir(parents=True, exist_ok=True)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{home}/server.db", "--artifacts-destination", str(home / "served"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def healthy():
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    _wait_for(healthy, "the MLflow server", timeout=120)
-    return server
-
-
 def test_mlflow_outage_mid_sweep_loses_no_metrics(sweep_home, warm_store, ray_cluster, tmp_path):
     (port,) = free_ports(1)
-    server = _mlflow_server(sweep_home, port)
+    server = start_mlflow_server(sweep_home, port)
     sweep = _write_sweep(tmp_path, name="outage", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
                          mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
-    driver, log = _start_driver(sweep, tmp_path)
+    driver, log = start_driver(sweep, tmp_path / "driver.log")
     try:
-        _wait_for(lambda: any(r for r in _results(sweep_home, "outage")), "a first reported result", alive=driver)
+        wait_for(lambda: any(r for r in _results(sweep_home, "outage")), "a first reported result", alive=driver)
         server.terminate()
         server.wait(timeout=60)
-        _wait_for(lambda: sum(len(r) for r in _results(sweep_home, "outage")) >= 4, "results during the outage", alive=driver)
-        server = _mlflow_server(sweep_home, port)
+        wait_for(lambda: sum(len(r) for r in _results(sweep_home, "outage")) >= 4, "results during the outage", alive=driver)
+        server = start_mlflow_server(sweep_home, port)
         assert driver.wait(timeout=900) == 0
     finally:
         driver.kill() if driver.poll() is None else None
@@ -133,7 +91,7 @@ def test_mlflow_outage_mid_sweep_loses_no_metrics(sweep_home, warm_store, ray_cl
         server.wait(timeout=60)
     assert "holding updates" in (tmp_path / "driver.log").read_text()
 
-    server = _mlflow_server(sweep_home, port)
+    server = start_mlflow_server(sweep_home, port)
     try:
         client = MlflowClient(f"http://127.0.0.1:{port}")
         runs = [r for r in client.search_runs([client.get_experiment_by_name("outage").experiment_id])
@@ -157,13 +115,13 @@ def _steps_once(client, run_id: str, key: str) -> list[int]:
 def test_mlflow_down_until_the_sweep_ends_then_a_rerun_logs_what_was_held(sweep_home, warm_store, ray_cluster,
                                                                            tmp_path):
     (port,) = free_ports(1)
-    server = _mlflow_server(sweep_home, port)
+    server = start_mlflow_server(sweep_home, port)
     sweep = _write_sweep(tmp_path, name="down", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
                          mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
     held = sweep_home / "sweeps" / "down" / "mlflow_held.json"
-    driver, log = _start_driver(sweep, tmp_path)
+    driver, log = start_driver(sweep, tmp_path / "driver.log")
     try:
-        _wait_for(lambda: any(r for r in _results(sweep_home, "down")), "a first reported result", alive=driver)
+        wait_for(lambda: any(r for r in _results(sweep_home, "down")), "a first reported result", alive=driver)
         server.terminate()
         server.wait(timeout=60)
         assert driver.wait(timeout=900) == 0
@@ -186,7 +144,7 @@ def test_mlflow_down_until_the_sweep_ends_then_a_rerun_logs_what_was_held(sweep_
     assert held.is_file()
 
     # The same command with the server back: the held updates reach MLflow, each once.
-    server = _mlflow_server(sweep_home, port)
+    server = start_mlflow_server(sweep_home, port)
     try:
         again = subprocess.run([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, capture_output=True,
                                text=True, timeout=900)

@@ -1,8 +1,17 @@
+import functools
+import math
+from typing import get_args
+
 import pytest
 import torch
 
+from pad_ray import matching
 from pad_ray.augment import DSA
-from pad_ray.matching import depth_cut, keep_mask, plan_steps, two_pass_gradients, unrolled_gradients
+from pad_ray.config import DistillConfig
+from pad_ray.matching import (
+    GRADIENT_PATHS, GraphBudget, auto_gradients, depth_cut, keep_mask, plan_steps, two_pass_gradients,
+    unrolled_gradients,
+)
 from pad_ray.models import ConvNet, FlatParams
 
 
@@ -80,7 +89,8 @@ def test_two_pass_gradients_equal_the_unrolled_ones(selection, dsa):
     check_two_pass_equals_unrolled(selection, dsa, "cpu")
 
 
-@pytest.mark.parametrize("path", [unrolled_gradients, two_pass_gradients])
+@pytest.mark.parametrize("path", [unrolled_gradients, two_pass_gradients,
+                                  functools.partial(auto_gradients, kept=2)])
 @pytest.mark.parametrize("dsa", [False, True])
 def test_gradient_paths_keep_every_tensor_on_the_images_device(path, dsa):
     # The meta device checks devices as CUDA does but holds no data, so this catches on the CPU a path
@@ -103,3 +113,97 @@ def test_plan_refills_chunks_from_fresh_permutations():
     assert sizes == [2, 4, 4, 2, 4, 4]  # chunks popped from the end, refilled when empty
     first_epoch = torch.cat([s.indices for s in plan[:3]]).sort().values
     assert first_epoch.tolist() == list(range(10))
+
+
+def _full_graph_oracle(net, images, labels, lr, start, target, plan, dsa, alpha, selection):
+    """Every step in one graph, one backward: written here apart from pad_ray.matching, whose unrolled
+    and two-pass paths are both special cases of auto_gradients and so cannot check it."""
+    x_all, y_all, lr = (t.detach().requires_grad_() for t in (images, labels, lr))
+    theta = start.detach().requires_grad_()
+    for step in plan:
+        x, y = x_all[step.indices], y_all[step.indices]
+        if step.draw is not None:
+            x = dsa.apply(x, step.draw)
+        inner = matching.soft_cross_entropy(net.forward(theta, x), y)
+        theta = theta - lr * torch.autograd.grad(inner, theta, create_graph=True)[0]
+    error = (theta - target) ** 2
+    mask = keep_mask(error.detach(), alpha, selection)
+    loss = (mask * error).sum() / (mask * (start - target) ** 2).sum()
+    return loss.item(), torch.autograd.grad(loss, (x_all, y_all, lr))
+
+
+@pytest.mark.parametrize("selection", ["depth", "loss", "none"])
+@pytest.mark.parametrize("dsa", [False, True])
+def test_auto_gives_the_unrolled_loss_and_gradients_at_every_split(selection, dsa):
+    problem = _problem(selection, dsa)
+    loss, expected = _full_graph_oracle(*problem)
+    for kept in range(len(problem[6]) + 1):
+        matched = auto_gradients(*problem, kept=kept)
+        assert matched.kept == kept
+        assert matched.loss == pytest.approx(loss, rel=1e-10), kept
+        for name, want in zip(("grad_images", "grad_labels", "grad_lr"), expected):
+            assert want.abs().sum() > 0
+            torch.testing.assert_close(getattr(matched, name), want, rtol=1e-8, atol=1e-12,
+                                       msg=f"{name}, kept {kept}")
+
+
+def test_a_split_outside_the_plan_or_no_way_to_choose_one_is_refused():
+    problem = _problem("depth", False)
+    with pytest.raises(ValueError, match="kept: 6 is not between 0 and the 5 inner steps"):
+        auto_gradients(*problem, kept=6)
+    with pytest.raises(ValueError, match="needs a GraphBudget"):
+        auto_gradients(*problem)
+
+
+def test_auto_measures_a_kept_step_first_then_keeps_what_the_budget_holds():
+    problem = _problem("depth", True)
+    plan = problem[6]
+    assert [len(step.indices) for step in plan] == [2, 4, 2, 4, 2]
+    budget = GraphBudget(budget_bytes=10**12)
+    assert auto_gradients(*problem, budget=budget).kept == 1  # nothing measured yet
+    assert set(budget.step_bytes) == {2} and budget.step_bytes[2] > 0
+    assert auto_gradients(*problem, budget=budget).kept == 5
+    assert set(budget.step_bytes) == {2, 4}  # every kept step is measured
+    two_last = budget.estimate(2) + budget.estimate(4)
+    budget.budget_bytes = math.ceil(two_last)
+    assert auto_gradients(*problem, budget=budget).kept == 2
+    budget.budget_bytes = math.ceil(two_last) - 1
+    assert auto_gradients(*problem, budget=budget).kept == 1
+    budget.budget_bytes = int(0.5 * budget.estimate(2))
+    assert auto_gradients(*problem, budget=budget).kept == 0
+
+
+def test_step_estimate_scales_up_from_smaller_batches_only():
+    budget = GraphBudget()
+    budget.step_bytes = {4: 1000}
+    overhead = GraphBudget.ALLOCATOR_OVERHEAD
+    assert budget.estimate(8) == pytest.approx(2000 * overhead)
+    assert budget.estimate(2) == pytest.approx(1000 * overhead)
+    budget.step_bytes[2] = 700  # a small batch's fixed share makes its per-row figure the larger one
+    assert budget.estimate(8) == pytest.approx(2800 * overhead)
+
+
+def test_default_budget_is_a_fraction_of_the_memory_free_at_the_first_call(monkeypatch):
+    problem = _problem("none", False)
+    budget = GraphBudget()
+    budget.step_bytes = {4: 1000}
+    step = budget.estimate(4)
+    monkeypatch.setattr(matching, "free_memory_bytes", lambda device: 2.1 * step / GraphBudget.FREE_FRACTION)
+    # Every step is estimated at the 4-row figure or below: two of them fit in 2.1 such steps, and the
+    # third trailing step, of 2 rows, at 1000 bytes as measured on 4, does not.
+    assert budget.kept_steps(problem[6], torch.device("cpu")) == 2
+    # Later calls keep that budget: the memory this process frees and reuses is not free to the kernel.
+    monkeypatch.setattr(matching, "free_memory_bytes", lambda device: 0)
+    assert budget.kept_steps(problem[6], torch.device("cpu")) == 2
+
+
+def test_free_memory_is_positive_on_this_machine():
+    assert matching.free_memory_bytes(torch.device("cpu")) > 0
+
+
+def test_the_config_allows_exactly_the_gradient_paths():
+    assert get_args(DistillConfig.model_fields["gradient"].annotation) == GRADIENT_PATHS
+    for name in GRADIENT_PATHS:
+        assert callable(matching.gradient_path(name, 1.0))
+    with pytest.raises(ValueError, match="allowed: unrolled, constant_memory, auto"):
+        matching.gradient_path("tesla")

@@ -69,7 +69,7 @@ def test_trial_count_is_grid_points_times_repeats():
     raw["num_samples"] = 2
     sweep, problems = check_sweep(raw)
     assert not problems
-    assert plan.trial_count(sweep) == 3 * 2 * 2  # choice and uniform are drawn per trial, not crossed
+    assert sweep.total_trials == 3 * 2 * 2  # choice and uniform are drawn per trial, not crossed
 
 
 # -- the memory model ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import RAY_BIN
+from conftest import RAY_BIN, start_driver, wait_for
 from pad_ray import files, stages
 from pad_ray.config import ConfigError
 from pad_ray.runtime import derive_seed
@@ -45,16 +46,17 @@ def children(home: Path, experiment: str = "smoke"):
 
 
 def tune_trials(home: Path, name: str) -> dict[str, dict]:
-    """Tune's own record of each trial, by trial id (in its folder's name, as pad_trial_<id>_<n>_...): its
-    sampled params and every result it reported."""
+    """Tune's own record of each trial, by trial id (in its folder's name, as pad_trial_<id>_<n>_..., where
+    a searcher's ids have no _00000 counter): its sampled params, every result it reported, and n, its
+    place in the order Tune created the trials."""
     trials = {}
     for params_file in (home / "sweeps" / name).glob("*/params.json"):
-        (trial_id,) = re.findall(r"^pad_trial_([0-9a-f]+_\d+)_\d+_", params_file.parent.name)
+        ((trial_id, number),) = re.findall(r"^pad_trial_([0-9a-f]+(?:_\d{5})?)_(\d+)_", params_file.parent.name)
         result_file = params_file.parent / "result.json"
         lines = result_file.read_text().splitlines() if result_file.exists() else []
         results = [json.loads(line) for line in lines if line.strip()]
         assert all(r["trial_id"] == trial_id for r in results)
-        trials[trial_id] = {"params": json.loads(params_file.read_text()), "results": results}
+        trials[trial_id] = {"params": json.loads(params_file.read_text()), "results": results, "number": int(number)}
     return trials
 
 
@@ -212,18 +214,34 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, 
     assert point, "no trial finished while another was running with a checkpoint"
     done_before, running_before = point
     driver.send_signal(stop)
-    driver.wait(timeout=300)
+    code = driver.wait(timeout=300)
     log.close()
-    client, trials, _ = children(sweep_home)
-    assert any(r.info.status == "RUNNING" for r in trials), "sweep was not interrupted"
+    client, trials, parents = children(sweep_home)
     running_ids = {r.data.tags["trial_id"] for r in trials if r.info.run_id in running_before}
+    (parent,) = parents
+    if stop == signal.SIGINT:
+        # Tune saved its state; the driver says the sweep is partial, in its exit status, MLflow and files.
+        assert code == 130, (tmp_path / "driver.log").read_text()[-3000:]
+        assert parent.info.status == "KILLED" and parent.data.tags["partial"] == "true"
+        statuses = {r.info.status for r in trials}
+        assert "KILLED" in statuses and "RUNNING" not in statuses, statuses  # the unfinished trials' runs too
+        assert "pad_ray.sweep: interrupted: " in (tmp_path / "driver.log").read_text()
+        rows = list(csv.DictReader((home / "sweeps" / "smoke" / "results.csv").open()))
+        assert {row["partial"] for row in rows} == {"True"} and "unfinished" in {row["status"] for row in rows}
+        assert (home / "sweeps" / "smoke" / "best_config.yaml").read_text().startswith("# partial: true")
+    else:
+        assert code == -signal.SIGKILL and parent.info.status == "RUNNING"
 
     again = subprocess.run(sweep_command(SMOKE), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
     client, trials, parents = children(sweep_home)
     assert len(trials) == 8 and len({r.data.tags["trial_id"] for r in trials}) == 8
-    assert len(parents) == 2  # one per invocation
+    assert [p.info.run_id for p in parents] == [parent.info.run_id]  # the resumed sweep kept its parent run
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["partial"] == "false"
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
     assert all(r.info.status == "FINISHED" for r in trials)
+    rows = list(csv.DictReader((home / "sweeps" / "smoke" / "results.csv").open()))
+    assert {row["partial"] for row in rows} == {"False"} and "unfinished" not in {row["status"] for row in rows}
     evaluations = {r.info.run_id: assert_each_step_once(client, r) for r in trials}  # nothing twice, no gaps
     for run_id, count in done_before.items():
         assert evaluations[run_id] == count  # not rerun
@@ -236,6 +254,133 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, 
                     if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1]
         assert restored, f"trial {trial_id} started again from zero"
         assert all(r["iteration"] == 4 * r["training_iteration"] for r in restored)
+
+
+def _snapshot(folder: Path) -> dict[str, int]:
+    """Every file under a folder, by path, with its modification time."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_edited_rerun_is_refused_before_any_work_unless_resume_or_fresh(sweep_home, warm_store, smoke_store,
+                                                                         ray_cluster, tmp_path):
+    home = sweep_home
+    sweep = yaml.safe_load(SMOKE.read_text())
+    sweep.update(name="rerun", space={"alpha": [0.1], "ir": [0.5]})
+    sweep["base"]["distill"] = {"iterations": 8, "eval_every": 4}
+    path = tmp_path / "rerun.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    first = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (first_trial,) = tune_trials(home, "rerun")
+
+    # The edit asks for the IR 0.75 experts, which this store no longer has: a start that trained them shows.
+    sweep["space"] = {"alpha": [0.2], "ir": [0.5, 0.75]}
+    path.write_text(yaml.safe_dump(sweep))
+    cfg = trial_config(load_sweep(path), {"alpha": 0.2, "ir": 0.75})
+    experts_075 = Path(TrajectoryStore(cfg.store_dir, cfg).dir)
+    shutil.rmtree(experts_075)
+    before = _snapshot(home)  # the store, Tune's folder, MLflow's database
+    refused = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"pad_ray.sweep: error: {path}: sweep 'rerun' in {home}/sweeps/rerun was started from a different sweep "
+        "(changed: space.alpha.values, space.ir.values); pass --resume to continue it as it was started, or "
+        "--fresh to start a new sweep (the old folder is moved aside)"]
+    assert _snapshot(home) == before
+
+    resumed = subprocess.run(sweep_command(path) + ["--resume"], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "--resume: continuing sweep 'rerun' as it was started" in resumed.stderr
+    assert not experts_075.exists()  # the old space needs no IR 0.75 experts
+    assert list(tune_trials(home, "rerun")) == [first_trial]
+    assert [row["alpha"] for row in csv.DictReader((home / "sweeps" / "rerun" / "results.csv").open())] == ["0.1"]
+    _, trials, parents = children(home, "rerun")
+    assert len(trials) == 1 and len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+    shutil.copytree(Path(TrajectoryStore(smoke_store, cfg).dir), experts_075)  # the new sweep trains nothing
+    fresh = subprocess.run(sweep_command(path) + ["--fresh"], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    (old,) = (home / "sweeps").glob("rerun.replaced-*")
+    assert f"--fresh: moved the earlier sweep to {old}" in fresh.stderr
+    # Nothing of the old sweep is lost: its trial and its results moved along.
+    assert [json.loads(f.read_text()) for f in old.glob("*/params.json")] == [{"alpha": 0.1, "ir": 0.5}]
+    assert (old / "results.csv").is_file()
+    new = tune_trials(home, "rerun")
+    assert sorted((t["params"]["alpha"], t["params"]["ir"]) for t in new.values()) == [(0.2, 0.5), (0.2, 0.75)]
+    _, trials, parents = children(home, "rerun")
+    assert len(trials) == 3 and len(parents) == 2  # the new sweep has a parent run of its own
+
+    again = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]  # the same file now resumes the new sweep
+    assert tune_trials(home, "rerun").keys() == new.keys()
+    assert len(children(home, "rerun")[2]) == 2
+
+
+def _ended(trial: dict, last_iteration: int) -> bool:
+    """Tune writes `done` only for a trial a scheduler stopped; one that ran out reported its last iteration."""
+    return bool(trial["results"]) and (trial["results"][-1]["iteration"] == last_iteration
+                                       or any(r.get("done") for r in trial["results"]))
+
+
+def test_optuna_sweep_is_interrupted_and_resumes_with_its_study(sweep_home, warm_store, ray_cluster, tmp_path):
+    """The shipped TPE sweep, shrunk to the smoke experts: a SIGTERM mid-sweep, then the same command."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pad_ray.sweep import _param_space
+
+    home = sweep_home
+    sweep = yaml.safe_load((REPO / "sweeps" / "mnist-optuna.yaml").read_text())
+    smoke = yaml.safe_load(SMOKE.read_text())
+    sweep.update(name="tpe", num_samples=4, trial_resources={"cpu": 1}, storage_path=smoke["storage_path"],
+                 mlflow=smoke["mlflow"], asha={**sweep["asha"], "grace_period": 1},
+                 base={**smoke["base"], "distill": {"iterations": 16, "eval_every": 4}})
+    sweep["space"]["distill.syn_steps"] = {"choice": [5, 10]}
+    sweep["space"]["ipc"] = {"choice": [1, 2]}  # ASHA's groups, from a sampled choice
+    path = tmp_path / "tpe.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert load_sweep(path).search.kind == "optuna" and load_sweep(path).group_by == ("ipc",)
+
+    def one_done_one_running():
+        try:
+            trials = tune_trials(home, "tpe").values()
+        except json.JSONDecodeError:  # Tune is writing a trial's files right now
+            return False
+        return any(_ended(t, 16) for t in trials) and any(t["results"] and not _ended(t, 16) for t in trials)
+
+    driver, log = start_driver(path, tmp_path / "driver.log")
+    try:
+        wait_for(one_done_one_running, "a finished trial while the next one has checkpointed", alive=driver)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=300) == 130, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        driver.kill() if driver.poll() is None else None
+        log.close()
+    before = tune_trials(home, "tpe")
+    assert 2 <= len(before) < 4  # suggestions were left for the resumed study to make
+    _, trials, (parent,) = children(home, "tpe")
+    assert parent.info.status == "KILLED"
+
+    again = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = tune_trials(home, "tpe")
+    assert len(after) == 4 and before.keys() <= after.keys()
+    for trial_id, trial in before.items():
+        # No trial ran again from zero: each iteration reported once, finished ones untouched.
+        assert [r["iteration"] for r in after[trial_id]["results"]] == [4, 8, 12, 16][:len(after[trial_id]["results"])]
+        if _ended(trial, 16):
+            assert after[trial_id]["results"] == trial["results"]
+    # The study went on where it stopped: the 4 trials are the seeded TPE's first 4 suggestions. A searcher
+    # started afresh on resume would have suggested its first configs again.
+    resolved = load_sweep(path)
+    expected = OptunaSearch(space=_param_space(resolved), metric="val_accuracy", mode="max",
+                            seed=trial_config(resolved, finite_grid(resolved)[0]).seed)
+    suggested = [expected.suggest(str(i)) for i in range(4)]
+    assert [t["params"] for t in sorted(after.values(), key=lambda t: t["number"])] == suggested
+    _, trials, parents = children(home, "tpe")
+    assert [p.info.run_id for p in parents] == [parent.info.run_id] and parents[0].info.status == "FINISHED"
+    assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials)
+    for ipc in {r.data.params["ipc"] for r in trials}:  # ASHA's groups came from the sampled IPCs
+        assert (home / "sweeps" / "tpe" / f"best_config_ipc{ipc}.yaml").is_file()
 
 
 @pytest.mark.parametrize(
@@ -253,6 +398,14 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, 
         ({"space": {}}, "space: give at least one key"),
         ({"asha": {"grace": 2}}, "asha.grace: unknown key; did you mean 'grace_period'?"),
         ({"space": {"ipc": 3}}, "space.ipc: expected a list of values"),
+        ({"search": {"kind": "bayes"}}, "search.kind: Input should be 'grid', 'random' or 'optuna' (got 'bayes')"),
+        ({"search": {"kind": "optuna"}}, "space.alpha: a list is a grid, which search.kind optuna cannot sample; "
+                                         "write {choice: [0.0, 0.1, 0.2, 0.3]} or use search.kind grid"),
+        ({"search": {"kind": "random"}, "space": {"alpha": {"uniform": [0, 0.3]}, "ir": [0.5]}},
+         "space.ir: a list is a grid, which search.kind random cannot sample"),
+        ({"search": {"max_concurrent": 2}}, "search.max_concurrent: only search.kind optuna takes it"),
+        ({"search": {"kind": "optuna", "max_concurrent": 0}}, "search.max_concurrent: Input should be greater than"),
+        ({"search": {"seed": "one"}}, "search.seed: Input should be a valid integer"),
     ],
 )
 def test_bad_sweeps_are_rejected_with_the_key(tmp_path, change, expected):
@@ -300,14 +453,17 @@ def test_bad_sweep_exits_2_before_any_work(tmp_path, sweep_home):
 
 def test_shipped_sweeps_validate(monkeypatch, mnist_root):
     monkeypatch.setenv("PAD_RAY_DATA", str(mnist_root))
+    assert load_sweep(REPO / "sweeps" / "mnist-optuna.yaml").search.kind == "optuna"
+    assert load_sweep(SMOKE).search.kind == "grid"
     searched = {}
     for path in sorted((REPO / "sweeps").glob("*.yaml")):
-        searched[path.stem] = set(load_sweep(path).space)
+        sweep = load_sweep(path)
+        searched[path.stem] = set(sweep.space)
+        assert sweep.total_trials > 1, path
     # The dataset sweeps search PAD's four axes; the others name what they search for a reason.
     for name in ("cifar10", "cifar100", "tinyimagenet", "mnist"):
         assert searched[name] == {"ipc", "alpha", "ir", "aee"}, name
     assert searched["smoke"] == {"alpha", "ir"}
-    assert all(searched.values()), searched
 
 
 def test_ray_job_submit_runs_the_smoke_sweep(sweep_home, warm_store, ray_cluster_with_dashboard):

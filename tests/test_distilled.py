@@ -1,0 +1,323 @@
+"""The distilled set as a product: the safetensors file, `load_distilled`, and `pad-ray export`."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config, write_malicious_pickle
+from pad_ray import data as datasets, files, stages
+from pad_ray.distilled import FILE_NAME, class_folders, export, load_distilled, save_distilled
+from pad_ray.evaluate import SyntheticSet
+from pad_ray.progress import addresses
+from pad_ray.tracking import ui_link
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["normalize", "zca"])
+def mnist_small(request, mnist_root):
+    """A small real MNIST split, normalised or ZCA-whitened as pad_ray prepares it."""
+    return datasets.prepare("mnist", mnist_root, val_fraction=0.1, zca=request.param, seed=0,
+                            train_per_class=20, test_size=50)
+
+
+def _distilled_from(data, tmp_path, soft=True, ipc=2, provenance=None):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(data.num_classes * ipc, data.channels, data.image_size, data.image_size, generator=gen)
+    labels = torch.randn(len(images), data.num_classes, generator=gen) if soft else \
+        torch.arange(data.num_classes).repeat_interleave(ipc)
+    synthetic = SyntheticSet(images, labels, 0.0123)
+    path = tmp_path / FILE_NAME
+    cfg = tiny_config(tmp_path)
+    save_distilled(path, synthetic, data, cfg, provenance or {"sweep": "s", "trial_id": "t1"})
+    return path, synthetic, cfg
+
+
+def test_the_file_holds_both_spaces_labels_lr_and_where_it_came_from(mnist_small, tmp_path):
+    data = mnist_small
+    path, synthetic, cfg = _distilled_from(data, tmp_path)
+    loaded = load_distilled(path)
+    assert torch.equal(loaded.images, synthetic.images)
+    assert torch.equal(loaded.soft_labels, synthetic.labels)
+    assert loaded.labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert loaded.lr == pytest.approx(0.0123)
+    assert loaded.class_names == data.class_names and loaded.config == json.loads(json.dumps(
+        cfg.model_dump(mode="json")))
+    assert loaded.provenance["sweep"] == "s" and loaded.provenance["trial_id"] == "t1"
+    assert loaded.provenance["dataset"] == "mnist" and loaded.provenance["pad_ray_version"]
+    repo_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(stages.__file__).parent,
+                                 capture_output=True, text=True).stdout.strip()
+    assert loaded.provenance["git_commit"] == repo_commit
+    # Pixels are the preprocessing undone (unclamped), and preprocessing them gives the images back.
+    torch.testing.assert_close(loaded.preprocessing(loaded.pixels), loaded.images, atol=2e-4, rtol=0)
+    assert loaded.preprocessing.kind == ("zca" if data.zca is not None else "normalize")
+
+
+def test_its_transform_preprocesses_real_images_exactly_as_pad_ray_did(mnist_small, tmp_path, mnist_root):
+    data = mnist_small
+    path, _, _ = _distilled_from(data, tmp_path)
+    _, _, test_x, _, _ = datasets.load_raw("mnist", mnist_root)
+    raw_test = test_x[data.test.index]  # the same real images, in [0, 1]
+    distilled = load_distilled(path)
+    assert torch.equal(distilled.transform(raw_test), data.test.images)
+    # One image, as a torchvision transform gets it (a matrix-vector product: rounding may differ).
+    torch.testing.assert_close(distilled.transform(raw_test[3]), data.test.images[3], atol=1e-5, rtol=0)
+    pixels = load_distilled(path, space="pixels")
+    assert torch.equal(pixels.transform(raw_test), raw_test)
+    image, target = pixels[5]
+    assert torch.equal(image, distilled.pixels[5]) and torch.equal(target, distilled.soft_labels[5])
+    image, target = load_distilled(path, soft=False)[5]
+    assert torch.equal(image, distilled.images[5]) and int(target) == 2 and len(distilled) == 20
+
+
+def test_hard_label_sets_keep_their_labels(mnist_small, tmp_path):
+    path, synthetic, _ = _distilled_from(mnist_small, tmp_path, soft=False)
+    loaded = load_distilled(path)
+    assert loaded.soft_labels is None and torch.equal(loaded.labels, synthetic.labels)
+    assert torch.equal(loaded.synthetic().labels, synthetic.labels) and int(loaded[7][1]) == 3
+
+
+def _flip(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_altered_truncated_or_foreign_files_are_refused_in_one_line(mnist_small, tmp_path):
+    path, _, _ = _distilled_from(mnist_small, tmp_path)
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    cases = {}
+    for name, damage in {
+        "pixel": lambda p: _flip(p, header + 100),
+        "provenance": lambda p: p.write_bytes(p.read_bytes().replace(b'\\"sweep\\": \\"s\\"', b'\\"sweep\\": \\"x\\"')),
+        "truncated": lambda p: p.write_bytes(p.read_bytes()[:-10]),
+    }.items():
+        copy = tmp_path / f"{name}.safetensors"
+        copy.write_bytes(path.read_bytes())
+        damage(copy)
+        assert copy.read_bytes() != path.read_bytes()
+        cases[copy] = "checksum mismatch"
+    (tmp_path / "short.safetensors").write_bytes(b"\x01\x02")
+    cases[tmp_path / "short.safetensors"] = "not a safetensors file"
+    foreign = tmp_path / "foreign.safetensors"
+    from safetensors.torch import save_file
+    save_file({"images": torch.zeros(2, 1, 28, 28)}, str(foreign))
+    cases[foreign] = "not a pad_ray distilled set"
+    old = tmp_path / "synthetic_best.npz"
+    stages.save_synthetic(old, SyntheticSet(torch.zeros(10, 1, 28, 28), torch.zeros(10, 10), 0.01))
+    cases[old] = "an older pad_ray"
+    for target, expected in cases.items():
+        with pytest.raises(files.IntegrityError) as caught:
+            load_distilled(target)
+        message = str(caught.value)
+        assert expected in message and str(target) in message and "\n" not in message, message
+
+
+def test_a_pickle_posing_as_a_distilled_set_never_runs(tmp_path):
+    path = tmp_path / FILE_NAME
+    write_malicious_pickle(path, tmp_path / "pwned", fmt="torch.save")
+    with pytest.raises(files.IntegrityError, match="not a"):
+        load_distilled(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_source_can_be_a_run_folder_a_trial_folder_or_an_mlflow_artifact(mnist_small, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    path, _, _ = _distilled_from(mnist_small, tmp_path)
+    trial = tmp_path / "trial"
+    for k, lr in ((1, 0.5), (2, 0.25)):  # Tune's checkpoints, numbered in order: the latest is the best
+        (trial / f"checkpoint_00000{k}").mkdir(parents=True)
+        save_distilled(trial / f"checkpoint_00000{k}" / FILE_NAME,
+                       SyntheticSet(torch.zeros(10, 1, 28, 28), torch.zeros(10, 10), lr), mnist_small,
+                       tiny_config(), {})
+    assert load_distilled(tmp_path).lr == pytest.approx(0.0123)
+    assert load_distilled(trial).lr == 0.25
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    client.log_artifact(run_id, str(path))
+    loaded = load_distilled(f"runs:/{run_id}/{FILE_NAME}", tracking_uri=uri)
+    assert loaded.lr == pytest.approx(0.0123) and loaded.provenance["mlflow_run_id"] == run_id
+    with pytest.raises(files.IntegrityError, match="cannot download"):
+        load_distilled(f"runs:/{run_id}/absent.safetensors", tracking_uri=uri)
+
+
+def test_imagefolder_export_is_what_torchvision_reads(mnist_small, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    path, synthetic, _ = _distilled_from(mnist_small, tmp_path)
+    out = export(str(path), "imagefolder", tmp_path / "export")
+    folder = ImageFolder(str(out))
+    assert folder.classes == class_folders(mnist_small.class_names)
+    assert [label for _, label in folder.samples] == [c for c in range(10) for _ in range(2)]
+    sidecar = json.loads((out / "distilled.json").read_text())
+    assert sidecar["lr"] == pytest.approx(0.0123) and len(sidecar["images"]) == 20
+    pixels = load_distilled(path).pixels
+    for k, entry in enumerate(sidecar["images"]):
+        png = np.asarray(Image.open(out / entry["file"]))
+        assert np.array_equal(png, (pixels[k, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+        assert entry["soft_label"] == pytest.approx(synthetic.labels[k].tolist())
+        assert folder.class_to_idx[entry["file"].split("/")[0]] == entry["label"]
+
+
+def test_safetensors_export_keeps_everything(mnist_small, tmp_path):
+    path, _, _ = _distilled_from(mnist_small, tmp_path)
+    out = export(str(path), "safetensors", tmp_path / "export")
+    again, first = load_distilled(out / "distilled.safetensors"), load_distilled(path)
+    for name, tensor in first.tensors().items():
+        assert torch.equal(again.tensors()[name], tensor), name
+    assert again.provenance == first.provenance and again.class_names == first.class_names
+
+
+def _cli(*args):
+    # Generous: a whole `pad-ray run` takes minutes on a loaded 2-core machine; the limit only stops a hang.
+    return subprocess.run([sys.executable, "-m", "pad_ray.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=1500)
+
+
+def test_bad_export_input_is_one_line_exit_2_and_writes_nothing(mnist_small, tmp_path):
+    path, _, _ = _distilled_from(mnist_small, tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    full = tmp_path / "full"
+    (full / "keep").mkdir(parents=True)
+    out = tmp_path / "out" / "export"
+    cases = [
+        ((tmp_path / "absent.safetensors", "--out", out), "absent.safetensors: no such file or folder"),
+        ((blocker, "--out", out), f"{blocker}: not a safetensors file"),
+        ((path, "--format", "zip", "--out", out), "--format: 'zip' is not a format; allowed: safetensors, imagefolder"),
+        ((path, "--out", blocker / "export"), f"--out: cannot write under {blocker}/export"),
+        ((path, "--out", full), f"--out: {full} exists and is not an empty folder"),
+    ]
+    for args, expected in cases:
+        result = _cli("export", *args)
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("pad-ray: error: ") and expected in line, line
+    assert not (tmp_path / "out").exists() and os.listdir(full) == ["keep"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
+def test_a_failed_export_leaves_no_half_written_folder(mnist_small, tmp_path, monkeypatch):
+    from pad_ray import distilled
+
+    path, _, _ = _distilled_from(mnist_small, tmp_path)
+
+    def fail_midway(distilled_set, folder):
+        (folder / "0_zero").mkdir()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(distilled, "_write_image_folder", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        export(str(path), "imagefolder", tmp_path / "export")
+    assert os.listdir(tmp_path) == [FILE_NAME]  # neither the export nor its staging folder
+
+
+# -- the product, end to end on the real MNIST -------------------------------------------------------
+
+# The smoke preset cut down further (one expert, four iterations): what is tested here is the product,
+# not the quality of the distillation, and these two tests must stay short on a shared 2-core machine.
+TINY_RUN = """preset: smoke
+data: {{root: {root}, train_per_class: 50, test_size: 500}}
+output_dir: {out}/runs
+store_dir: {out}/store
+resources: {{workers: 0}}
+difficulty: {{seeds: 1, epochs: 1}}
+experts: {{num_experts: 1, epochs: 4}}
+schedule: {{remove: []}}
+distill: {{iterations: 4, eval_every: 2, max_start_epoch: 2, syn_steps: 5}}
+evaluate: {{num_nets: 1, epochs: 100}}
+"""
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, mnist_root):
+    """`pad-ray run` of the smoke preset, in this process's own folder: (config, run folder, its results)."""
+    where = tmp_path_factory.mktemp("smoke_run")
+    config = where / "run.yaml"
+    config.write_text(TINY_RUN.format(root=mnist_root, out=where))
+    result = _cli("run", config)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    return config, Path(summary["run_dir"]), summary
+
+
+def test_export_load_and_evaluate_give_the_accuracy_the_run_reported(smoke_run, tmp_path):
+    config, run_dir, summary = smoke_run
+    assert (run_dir / FILE_NAME).is_file()
+    exported = tmp_path / "export"
+    result = _cli("export", run_dir, "--format", "safetensors", "--out", exported)
+    assert result.returncode == 0, result.stderr
+    distilled = load_distilled(exported / "distilled.safetensors")
+    assert distilled.provenance["best_iteration"] == summary["best_iteration"]
+    assert distilled.provenance["best_val_accuracy"] == summary["best_val_accuracy"]
+    again = _cli("evaluate", config, "--synthetic", exported / "distilled.safetensors")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout) == summary["evaluation"]  # same seeds: the same nets, the same accuracy
+    # Under another preprocessing (ZCA instead of the normalisation) it is refused rather than measured wrongly.
+    other = _cli("evaluate", config, "--synthetic", exported / "distilled.safetensors", "--set", "data.zca=true")
+    assert other.returncode == 2 and "made under another preprocessing" in other.stderr
+
+
+TORCHVISION_ONLY = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torchvision import datasets, transforms
+
+    folder, mnist_root = sys.argv[1:]
+    torch.manual_seed(0)
+    pixels = transforms.Compose([transforms.Grayscale(), transforms.ToTensor()])
+    train = datasets.ImageFolder(folder, transform=pixels)
+    test = datasets.MNIST(mnist_root, train=False, transform=pixels)
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                        nn.Flatten(), nn.Linear(512, 10))
+    images, labels = next(iter(torch.utils.data.DataLoader(train, batch_size=len(train))))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for step in range(300):
+        optimizer.zero_grad()
+        F.cross_entropy(net(images), labels).backward()
+        optimizer.step()
+    correct = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(test, batch_size=1000):
+            correct += (net(x).argmax(1) == y).sum().item()
+    print(correct / len(test), "pad_ray" in sys.modules)
+""")
+
+
+def test_a_torchvision_model_learns_from_the_exported_imagefolder_without_pad_ray(smoke_run, tmp_path, mnist_root):
+    _, run_dir, _ = smoke_run
+    exported = tmp_path / "imagefolder"
+    result = _cli("export", run_dir, "--format", "imagefolder", "--out", exported)
+    assert result.returncode == 0, result.stderr
+    script = tmp_path / "train.py"
+    script.write_text(TORCHVISION_ONLY)
+    trained = subprocess.run([sys.executable, str(script), str(exported), str(mnist_root)], capture_output=True,
+                             text=True, timeout=600, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    accuracy, imported = trained.stdout.split()
+    assert imported == "False"
+    # Ten images, one per class (0.37 here): well above chance (0.1) only if images and class folders agree.
+    assert float(accuracy) > 0.25, accuracy
+
+
+def test_a_sweep_starts_by_saying_where_to_watch_it():
+    local = addresses(ui_link("sqlite:////runs/mlflow.db", "1"), "127.0.0.1:8265").splitlines()
+    assert local == ["MLflow: mlflow ui --backend-store-uri sqlite:////runs/mlflow.db, then "
+                     "http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning",
+                     "Ray dashboard: http://127.0.0.1:8265"]
+    served = addresses(ui_link("http://mlflow:5000", "7"), None).splitlines()
+    assert served[0] == "MLflow: http://mlflow:5000/#/experiments/7?workflowType=machine_learning"
+    assert "not running" in served[1]
