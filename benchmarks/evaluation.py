@@ -52,7 +52,7 @@ def train_vmapped(synthetic, model_cfg, cfg, seeds: list[int], device):
     from torch.func import functional_call, grad, stack_module_state, vmap
 
     from pad_ray.augment import DSA
-    from pad_ray.experts import seeded_model
+    from pad_ray.models import seeded_model
     from pad_ray.matching import soft_cross_entropy
     from pad_ray.runtime import generator
 
@@ -93,7 +93,7 @@ def child(p: dict) -> dict:
     import torch
 
     from pad_ray.evaluate import accuracy, evaluate, train_on
-    from pad_ray.experts import seeded_model
+    from pad_ray.models import seeded_model
     from pad_ray.runtime import derive_seed
 
     dev = common.device()

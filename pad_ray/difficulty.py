@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from pad_ray.config import ConfigError, DifficultyConfig, ModelConfig
 from pad_ray.data import Split
-from pad_ray.experts import seeded_model
+from pad_ray.models import seeded_model
 from pad_ray.runtime import generator, keep_freed_memory_in_heap
 
 

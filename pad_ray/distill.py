@@ -25,7 +25,7 @@ from pad_ray.augment import DSA
 from pad_ray.config import ConfigError, RunConfig
 from pad_ray.data import Dataset
 from pad_ray.evaluate import Scores, SyntheticSet, evaluate
-from pad_ray.experts import seeded_model
+from pad_ray.models import seeded_model
 from pad_ray.matching import depth_cut, gradient_path, plan_steps
 from pad_ray.models import FlatParams
 from pad_ray.runtime import derive_seed, generator, keep_freed_memory_in_heap, peak_memory_mb

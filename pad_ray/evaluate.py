@@ -17,7 +17,7 @@ from torch import nn
 from pad_ray.augment import DSA
 from pad_ray.config import EvalConfig, ModelConfig
 from pad_ray.data import Split
-from pad_ray.experts import seeded_model
+from pad_ray.models import seeded_model
 from pad_ray.matching import soft_cross_entropy
 from pad_ray.runtime import derive_seed, generator, keep_freed_memory_in_heap
 

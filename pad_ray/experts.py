@@ -18,20 +18,11 @@ from torch import nn
 from pad_ray.augment import DSA
 from pad_ray.config import ExpertConfig, ModelConfig, ScheduleConfig
 from pad_ray.data import Split
-from pad_ray.models import FlatParams, build_model
+from pad_ray.models import FlatParams, seeded_model
 from pad_ray.runtime import generator, keep_freed_memory_in_heap
 from pad_ray.schedule import scheduled_indices
 
 _EPS = 1e-12
-
-
-def seeded_model(model: ModelConfig, channels: int, num_classes: int, image_size: int, seed: int,
-                 name: str | None = None) -> nn.Module:
-    """Build a network whose initial weights depend only on `seed` (the global RNG is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(name or model.name, channels, num_classes, image_size,
-                           width=model.width, depth=model.depth, norm=model.norm)
 
 
 def _params_with_grad(net: nn.Module) -> list[nn.Parameter]:

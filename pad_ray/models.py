@@ -9,10 +9,15 @@ being hard-coded, so an unsupported size fails at construction rather than at th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+if TYPE_CHECKING:  # the schema is only an annotation here: models stay below config in the layers
+    from pad_ray.config import ModelConfig
 
 MODELS = ("convnet", "convnet_bn", "resnet18", "resnet18_bn", "vgg11", "alexnet", "lenet", "mlp")
 NORMS = ("instancenorm", "batchnorm", "none")
@@ -350,3 +355,12 @@ class FlatParams:
             (name, start, start + numel)
             for name, start, numel in zip(self._names, self._offsets, self._numels)
         ]
+
+
+def seeded_model(model: ModelConfig, channels: int, num_classes: int, image_size: int, seed: int,
+                 name: str | None = None) -> nn.Module:
+    """Build a network whose initial weights depend only on `seed` (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(name or model.name, channels, num_classes, image_size,
+                           width=model.width, depth=model.depth, norm=model.norm)

@@ -20,7 +20,8 @@ from pad_ray.config import with_absolute_paths
 from pad_ray.difficulty import el2n_run
 from pad_ray.distill import Distiller, distill
 from pad_ray.evaluate import evaluate, train_on
-from pad_ray.experts import seeded_model, train_expert
+from pad_ray.experts import train_expert
+from pad_ray.models import seeded_model
 from pad_ray.runtime import cuda_unusable_reason, derive_seed, peak_memory_mb
 from test_augment import draws_equal, gen, images
 from test_matching import check_two_pass_equals_unrolled

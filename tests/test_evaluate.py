@@ -11,7 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from conftest import tiny_config, tiny_dataset
 from pad_ray.data import Split
 from pad_ray.evaluate import Scores, SyntheticSet, accuracy, evaluate, train_on
-from pad_ray.experts import seeded_model
+from pad_ray.models import seeded_model
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from pad_ray import files
 from pad_ray.data import Split
-from pad_ray.experts import ExpertRun, gsam_step, seeded_model, train_expert
+from pad_ray.experts import ExpertRun, gsam_step, train_expert
+from pad_ray.models import seeded_model
 from pad_ray.models import FlatParams
 from pad_ray.runtime import derive_seed
 
