@@ -23,7 +23,7 @@ from pad_ray.sweep_config import check_sweep
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "sweeps" / "smoke.yaml"
 MEASURED = REPO / "benchmarks" / "results" / "memory_model.json"
-EARLIER = REPO / "benchmarks" / "results" / "distill_iteration.json"
+EARLIER = REPO / "benchmarks" / "results" / "distill_iteration-2026-11-21.json"
 
 
 def cifar10(ipc: int, steps: int, batch: int, **distill):
