@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pad_ray(*args, cwd):
+    # The limit only stops a hang: a whole run takes minutes here and several times that on a loaded machine.
     return subprocess.run([sys.executable, "-m", "pad_ray.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=1800)
 
 
 def _write(tmp_path, text):
