@@ -161,7 +161,7 @@ def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config
         assert finished, ipc
         best_finished = max(r.data.metrics["best_val_accuracy"] for r in finished)
         assert all(r.data.metrics["best_val_accuracy"] <= best_finished for r in runs
-                   if r.data.tags["stopped_early"] == "true"), ipc
+                   if r.data.tags.get("stopped_early") == "true"), ipc
         rows = [row for row in table if row["ipc"] == str(ipc)]
         scores = [float(row["best_val_accuracy"]) for row in rows if row["best_val_accuracy"]]
         assert scores == sorted(scores, reverse=True)
