@@ -192,16 +192,34 @@ def test_diverging_trial_fails_with_its_reason_while_the_others_finish(sweep_hom
     assert_runs_match_their_trials(client, trials, tune_trials(sweep_home, "nan"), load_sweep(_nan_sweep(tmp_path)))
 
 
+def _checkpointed_trials(home: Path) -> set[str]:
+    """Trials whose last saved result in Tune's experiment state came with a checkpoint: what a killed
+    driver can resume them from. Tune saves that state every 10 s or every num_to_keep checkpoints, so
+    MLflow (logged as each result arrives) may be ahead of it."""
+    states = sorted((home / "sweeps" / "smoke").glob("experiment_state-*.json"))
+    try:
+        state = json.loads(states[-1].read_text()) if states else {"trial_data": []}
+    except json.JSONDecodeError:  # being rewritten: read again on the next poll
+        return set()
+    saved = set()
+    for _, metadata in state["trial_data"]:
+        last = (json.loads(metadata) if isinstance(metadata, str) else metadata)["last_result"]
+        if last.get("checkpoint_dir_name"):
+            saved.add(last["trial_id"])
+    return saved
+
+
 def _interrupt_point(home: Path) -> tuple[dict[str, int], dict[str, int]] | None:
     """(finished, running) trials as MLflow has them -> their numbers of evaluations, once a trial has
-    finished while another has checkpointed at least one evaluation and is still running."""
+    finished while another is still running with a checkpoint that Tune's saved state records."""
     if not (home / "sweeps" / "smoke").exists():  # Tune has started: MLflow's tables exist by then
         return None
     client, trials, _ = children(home)
+    checkpointed = _checkpointed_trials(home)
     counts = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_accuracy")) for r in trials}
     finished = {r.info.run_id: counts[r.info.run_id] for r in trials if r.info.status == "FINISHED"}
     running = {r.info.run_id: counts[r.info.run_id] for r in trials
-               if r.info.status == "RUNNING" and counts[r.info.run_id] >= 1}
+               if r.info.status == "RUNNING" and counts[r.info.run_id] >= 1 and r.data.tags["trial_id"] in checkpointed}
     return (finished, running) if finished and running else None
 
 
