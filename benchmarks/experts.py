@@ -6,7 +6,7 @@ Random data of CIFAR-10 shape, the distillation ConvNet (width 128, depth 3), SG
 training image in every epoch (IR 1), one torch thread per worker. Rows, each in a fresh process:
 
 * `bare`: `pad_ray.experts.ExpertRun.run_epoch` in a plain loop (no Ray, no checkpoints).
-* `ray_train_1`, `ray_train_2`: `pad_ray.distributed.generate_experts` on a local
+* `ray_train_1`, `ray_train_2`: `pad_ray.ray_stages.generate_experts` on a local
   `ray.init(num_cpus=2)` with 1 worker training 1 expert, 2 workers training 2 experts.
 
 Images/s are given two ways: end to end (the whole `generate_experts` call, worker start-up
@@ -129,7 +129,7 @@ def child(p: dict) -> dict:
 
         import ray
 
-        from pad_ray import distributed
+        from pad_ray import ray_stages
         from pad_ray.trajectories import TrajectoryStore
 
         workers = p["workers"]
@@ -144,7 +144,7 @@ def child(p: dict) -> dict:
             watcher.start()
             wall_began = time.time()
             began = time.perf_counter()
-            distributed.generate_experts(cfg, data, order)
+            ray_stages.generate_experts(cfg, data, order)
             fit_s = time.perf_counter() - began
             time.sleep(0.05)
             watcher.stop.set()

@@ -32,7 +32,7 @@ def child(p: dict) -> dict:
     import ray
     import torch
 
-    from pad_ray import distributed
+    from pad_ray import ray_stages
     from pad_ray.config import build_config
     from pad_ray.models import ConvNet, FlatParams
     from pad_ray.trajectories import TrajectoryStore
@@ -47,13 +47,13 @@ def child(p: dict) -> dict:
         rng = np.random.default_rng(0)
         for i in range(p["experts"]):
             store.save(i, rng.standard_normal((p["epochs"] + 1, size), dtype=np.float32))
-        last_epoch = distributed.last_sampled_epoch(cfg)
+        last_epoch = ray_stages.last_sampled_epoch(cfg)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             began = time.perf_counter()
-            refs = distributed.put_trajectories(store, p["experts"], last_epoch)
+            refs = ray_stages.put_trajectories(store, p["experts"], last_epoch)
             put_s = time.perf_counter() - began
-            window_bytes = sum(distributed.distillation_window(store.load(i), last_epoch).nbytes
+            window_bytes = sum(ray_stages.distillation_window(store.load(i), last_epoch).nbytes
                                for i in range(p["experts"]))
 
             @ray.remote(num_cpus=1)

@@ -52,7 +52,7 @@ def run_config(p: dict):
 
 
 def child(p: dict) -> dict:
-    from pad_ray import stages
+    from pad_ray import local_stages
     from pad_ray.distill import Distiller, distill
     from pad_ray.evaluate import Scores, random_real_subset
     from pad_ray.runtime import derive_seed, generator, resolve_device
@@ -62,9 +62,9 @@ def child(p: dict) -> dict:
     cfg = run_config(p)
     dev = resolve_device(cfg.device)
     began = time.perf_counter()
-    data = stages.load_data(cfg)
-    order = stages.difficulty_order(cfg, data, dev, progress=False)
-    trajectories = stages.ensure_experts(cfg, data, order, dev, progress=False)
+    data = local_stages.load_data(cfg)
+    order = local_stages.difficulty_order(cfg, data, dev, progress=False)
+    trajectories = local_stages.ensure_experts(cfg, data, order, dev, progress=False)
     quality = TrajectoryStore(cfg.store_dir, cfg).quality(cfg.experts.num_experts)
     row = {**{k: p[k] for k in ("ipc", "row")}, "threads": threads, "device": str(dev),
            "expert_test_accuracy": quality.summary()["test_accuracy"], "prepare_s": time.perf_counter() - began}
@@ -78,7 +78,7 @@ def child(p: dict) -> dict:
         for draw in range(p["draws"]):
             subset = random_real_subset(data.train, data.num_classes, cfg.distill.ipc, cfg.distill.lr_teacher,
                                         generator(derive_seed(cfg.seed, "random-subset", draw)))
-            tests += stages.final_evaluation(cfg, data, subset, dev)[cfg.model.name]["test"]
+            tests += local_stages.final_evaluation(cfg, data, subset, dev)[cfg.model.name]["test"]
         row.update(test=tests, nets=len(tests), draws=p["draws"])
     else:
         if p["row"] == "start":
@@ -88,7 +88,7 @@ def child(p: dict) -> dict:
             synthetic = distiller.best_synthetic()
             row.update(iterations=distiller.iteration, skipped=distiller.skipped, distill_s=distiller.elapsed,
                        best_iteration=distiller.best.iteration)
-        tests = stages.final_evaluation(cfg, data, synthetic, dev)[cfg.model.name]["test"]
+        tests = local_stages.final_evaluation(cfg, data, synthetic, dev)[cfg.model.name]["test"]
         row.update(test=tests, nets=len(tests))
     mean, std = Scores.summary(row["test"])
     row.update(test_mean=100 * mean, test_std=100 * std, row_s=time.perf_counter() - began)

@@ -40,7 +40,7 @@ def _trial(config: dict) -> None:
     import torch
     from ray import tune
 
-    from pad_ray import distributed
+    from pad_ray import ray_stages
     from pad_ray.augment import DSA
     from pad_ray.matching import gradient_path, plan_steps
     from pad_ray.models import ConvNet, FlatParams
@@ -48,7 +48,7 @@ def _trial(config: dict) -> None:
 
     p = config["p"]
     torch.set_num_threads(1)
-    dev = distributed.task_device()
+    dev = ray_stages.task_device()
     torch.manual_seed(config["index"])
     net = FlatParams(ConvNet(p["channels"], p["classes"], p["size"], p["width"], p["depth"]).to(dev))
     n, size = p["ipc"] * p["classes"], p["size"]

@@ -30,7 +30,7 @@ _EXPORTS = {
     "Distiller": "pad_ray.distill",
     "SyntheticSet": "pad_ray.evaluate",
     "random_real_subset": "pad_ray.evaluate",
-    "load_synthetic": "pad_ray.stages",
+    "load_synthetic": "pad_ray.local_stages",
     "load_distilled": "pad_ray.distilled",
     "DistilledSet": "pad_ray.distilled",
 }

@@ -35,14 +35,14 @@ STAGES = ("scores", "experts", "distill", "evaluate", "run")
 def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path | None) -> dict[str, Any]:
     import torch
 
-    from pad_ray import files, stages
+    from pad_ray import files, local_stages
     from pad_ray.runtime import resolve_device
     from pad_ray.trajectories import TrajectoryStore
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    out = out or stages.run_dir(cfg)
-    data = stages.load_data(cfg)
+    out = out or local_stages.run_dir(cfg)
+    data = local_stages.load_data(cfg)
     if stage == "evaluate":
         path = synthetic_path or out / "synthetic_best.npz"
         if path.suffix == ".safetensors":
@@ -50,13 +50,13 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
 
             synthetic = for_evaluation(path, data)
         else:
-            synthetic = stages.load_synthetic(path, data)
-        return stages.final_evaluation(cfg, data, synthetic, device)
+            synthetic = local_stages.load_synthetic(path, data)
+        return local_stages.final_evaluation(cfg, data, synthetic, device)
     if cfg.resources.workers > 0:
         order, trajectories = _experts_on_ray(stage, cfg, data)
     else:
-        order = stages.difficulty_order(cfg, data, device)
-        trajectories = [] if stage == "scores" else stages.ensure_experts(cfg, data, order, device)
+        order = local_stages.difficulty_order(cfg, data, device)
+        trajectories = [] if stage == "scores" else local_stages.ensure_experts(cfg, data, order, device)
     if stage == "scores":
         return {"classes": len(order), "samples": sum(len(o) for o in order)}
     quality = TrajectoryStore(cfg.store_dir, cfg).quality(cfg.experts.num_experts)
@@ -64,12 +64,12 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
     if stage == "experts":
         return {"experts": len(trajectories), "store": str(Path(cfg.store_dir).resolve()),
                 "accuracy": quality.summary(), "per_expert": quality.experts}
-    distiller = stages.run_distillation(cfg, data, trajectories, device, out)
+    distiller = local_stages.run_distillation(cfg, data, trajectories, device, out)
     result: dict[str, Any] = {"run_dir": str(out), "iterations": distiller.iteration,
                               "skipped": distiller.skipped, "best_val_accuracy": distiller.best.val,
                               "best_iteration": distiller.best.iteration}
     if stage == "run":
-        result["evaluation"] = stages.final_evaluation(cfg, data, distiller.best_synthetic(), device)
+        result["evaluation"] = local_stages.final_evaluation(cfg, data, distiller.best_synthetic(), device)
         files.write_json(out / "results.json", result)
     return result
 
@@ -78,13 +78,13 @@ def _experts_on_ray(stage: str, cfg: RunConfig, data) -> tuple[list, list]:
     """EL2N seeds as Ray tasks and experts on Ray Train (a local Ray, or the cluster of a Ray job)."""
     import ray
 
-    from pad_ray import distributed
+    from pad_ray import ray_stages
 
     ray.init(log_to_driver=True)
-    order = distributed.difficulty_order(cfg, data)
+    order = ray_stages.difficulty_order(cfg, data)
     if stage == "scores":
         return order, []
-    store = distributed.generate_experts(cfg, data, order)
+    store = ray_stages.generate_experts(cfg, data, order)
     return order, [store.load(i) for i in range(cfg.experts.num_experts)]
 
 

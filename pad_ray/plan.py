@@ -199,7 +199,7 @@ def dataset_bytes(cfg: RunConfig) -> int:
 
 
 def window_rows(cfg: RunConfig, last_epoch: int) -> int:
-    """Rows of `distributed.distillation_window` of one expert."""
+    """Rows of `ray_stages.distillation_window` of one expert."""
     rows = cfg.experts.epochs + 1
     return rows if last_epoch + 1 >= rows - 1 else last_epoch + 2
 

@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from pad_ray import distributed, files, plan, progress, report, rerun, stages, tracking
+from pad_ray import files, local_stages, plan, progress, ray_stages, report, rerun, tracking
 from pad_ray.cli import add_sweep_flags
 from pad_ray.config import RunConfig, absolute, parse_overrides, to_dict, with_absolute_paths
 from pad_ray.data import Dataset
@@ -56,7 +56,7 @@ def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: dict[int, 
     object-store copy of the prepared dataset per data seed; trajectories are fetched zero-copy."""
     torch.set_num_threads(threads)
     cfg = trial_config(SweepConfig.model_validate(sweep), params)
-    device = distributed.task_device()
+    device = ray_stages.task_device()
     dataset = ray.get(data[cfg.data.seed])
     store_key = TrajectoryStore(cfg.store_dir, cfg).key
     trajectories = ray.get(experts[store_key])
@@ -74,13 +74,13 @@ def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: dict[int, 
             out = Path(folder)
             distiller.save(out / "state.pt")
             best = distiller.best_synthetic()
-            stages.save_synthetic(out / "synthetic_best.npz", best)
+            local_stages.save_synthetic(out / "synthetic_best.npz", best)
             context = tune.get_context()
             save_distilled(out / DISTILLED_FILE, best, dataset, cfg, {
                 "sweep": context.get_experiment_name(), "trial_id": context.get_trial_id(),
                 "trial_name": context.get_trial_name(), "best_iteration": distiller.best.iteration,
                 "best_val_accuracy": distiller.best.val})
-            stages.save_grid(out / "synthetic.png", best, dataset, cfg.distill.ipc)
+            local_stages.save_grid(out / "synthetic.png", best, dataset, cfg.distill.ipc)
             (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             if metrics["iteration"] == cfg.distill.iterations:
                 metrics.update(_final_evaluation(cfg, dataset, best, device))
@@ -94,7 +94,7 @@ def _final_evaluation(cfg: RunConfig, data: Dataset, best, device: torch.device)
     """`evaluate.num_nets` fresh nets of each architecture of `evaluate.models` on the best set (chosen
     on validation), as `final_test_accuracy/resnet18`, ...; the first architecture listed is also the
     trial's headline `final_test_accuracy`."""
-    evaluations = stages.final_evaluation(cfg, data, best, device)
+    evaluations = local_stages.final_evaluation(cfg, data, best, device)
     named = {"": evaluations[cfg.evaluate.models[0]], **{f"/{name}": e for name, e in evaluations.items()}}
     return {f"{metric}{suffix}": evaluation[field] for suffix, evaluation in named.items()
             for metric, field in (("final_test_accuracy", "test_mean"), ("final_test_std", "test_std"),
@@ -119,7 +119,7 @@ def _load_splits(sweep: SweepConfig) -> dict[int, Dataset]:
     for params in finite_grid(sweep, 0) + finite_grid(sweep, 1):
         cfg = trial_config(sweep, params)
         by_seed.setdefault(cfg.data.seed, []).append(cfg)
-    return {seed: stages.load_data(configs[0], max_ipc=max(c.distill.ipc for c in configs))
+    return {seed: local_stages.load_data(configs[0], max_ipc=max(c.distill.ipc for c in configs))
             for seed, configs in by_seed.items()}
 
 
@@ -129,7 +129,7 @@ def _expert_sets(sweep: SweepConfig) -> dict[str, tuple[RunConfig, int, int]]:
     for params in finite_grid(sweep, 0) + finite_grid(sweep, 1):
         cfg = trial_config(sweep, params)
         key = TrajectoryStore(cfg.store_dir, cfg).key
-        last, count = distributed.last_sampled_epoch(cfg), cfg.experts.num_experts
+        last, count = ray_stages.last_sampled_epoch(cfg), cfg.experts.num_experts
         if key in groups:
             _, seen_last, seen_count = groups[key]
             last, count = max(last, seen_last), max(count, seen_count)
@@ -211,13 +211,13 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
     print(progress.addresses(tracking.ui_link(uri, experiment_id), context.dashboard_url), file=sys.stderr)
     experts = {}
     for key, (cfg, last_epoch, count) in _expert_sets(sweep).items():
-        order = distributed.difficulty_order(cfg, splits[cfg.data.seed])
-        store = distributed.generate_experts(cfg, splits[cfg.data.seed], order)
+        order = ray_stages.difficulty_order(cfg, splits[cfg.data.seed])
+        store = ray_stages.generate_experts(cfg, splits[cfg.data.seed], order)
         quality = store.quality(count)
         print(f"IR {cfg.schedule.init_ratio:g}, AEE {cfg.schedule.add_end_epoch}, data seed {cfg.data.seed}, "
               f"expert seed {cfg.experts.seed}: {quality.line()}", file=sys.stderr)
         tracking.log_expert_set(client, experiment_id, sweep.name, cfg, quality)
-        experts[key] = distributed.put_trajectories(store, count, last_epoch)
+        experts[key] = ray_stages.put_trajectories(store, count, last_epoch)
 
     parent_id = tracking.reopen_parent(client, plan.parent_run_id)
     if parent_id is None:

@@ -291,7 +291,7 @@ def smoke_store(tmp_path_factory, mnist_root) -> Path:
     """The smoke sweep's difficulty order and both expert sets (IR 0.5 and 0.75), trained once per
     session in this process; the single-process trainer gives the same arrays as Ray Train, which
     the cold sweep test checks against this store."""
-    from pad_ray import stages
+    from pad_ray import local_stages
     from pad_ray.sweep_config import load_sweep
     from pad_ray.sweep import _expert_sets
 
@@ -301,9 +301,9 @@ def smoke_store(tmp_path_factory, mnist_root) -> Path:
     data = None
     for cfg, _, count in _expert_sets(sweep).values():
         assert cfg.experts.num_experts == count
-        data = data or stages.load_data(cfg)
-        order = stages.difficulty_order(cfg, data, torch.device("cpu"), progress=False)
-        stages.ensure_experts(cfg, data, order, torch.device("cpu"), progress=False)
+        data = data or local_stages.load_data(cfg)
+        order = local_stages.difficulty_order(cfg, data, torch.device("cpu"), progress=False)
+        local_stages.ensure_experts(cfg, data, order, torch.device("cpu"), progress=False)
     return store
 
 

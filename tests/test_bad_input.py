@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from conftest import SHARED_DATA
-from pad_ray import cli, stages, sweep
+from pad_ray import cli, local_stages, sweep
 from pad_ray.evaluate import SyntheticSet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,7 +227,7 @@ def test_sweep_with_an_index_file_that_is_not_an_index_stops_before_any_work(wor
 def _synthetic(images: torch.Tensor, classes: int) -> bytes:
     """A distilled set as pad_ray writes it, returned as the bytes of the .npz (its sidecar is planted too)."""
     tmp = Path(os.environ["PYTEST_BAD_INPUT_TMP"]) / "set.npz"
-    stages.save_synthetic(tmp, SyntheticSet(images, torch.randn(len(images), classes), 0.01))
+    local_stages.save_synthetic(tmp, SyntheticSet(images, torch.randn(len(images), classes), 0.01))
     return tmp.read_bytes()
 
 

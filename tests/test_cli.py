@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pad_ray import cli, files, stages
+from pad_ray import cli, files, local_stages
 from pad_ray.config import PRESETS, load_config, preset_header
 from pad_ray.distill import Distiller
 from pad_ray.evaluate import random_real_subset
@@ -158,14 +158,14 @@ def test_pad_on_real_mnist_beats_random_subsets_and_its_own_starting_set(tmp_pat
     assert "test accuracy" in result.stderr  # the experts' quality line
 
     cfg = load_config(config)
-    data = stages.load_data(cfg)
+    data = local_stages.load_data(cfg)
     trajectories = [TrajectoryStore(cfg.store_dir, cfg).load(i) for i in range(cfg.experts.num_experts)]
-    starting = stages.final_evaluation(cfg, data, Distiller(cfg, data, trajectories, CPU).synthetic(), CPU)
+    starting = local_stages.final_evaluation(cfg, data, Distiller(cfg, data, trajectories, CPU).synthetic(), CPU)
     random_means = []
     for draw in range(3):
         subset = random_real_subset(data.train, data.num_classes, cfg.distill.ipc, cfg.distill.lr_teacher,
                                     generator(derive_seed(cfg.seed, "random-subset", draw)))
-        random_means.append(stages.final_evaluation(cfg, data, subset, CPU)["convnet"]["test_mean"])
+        random_means.append(local_stages.final_evaluation(cfg, data, subset, CPU)["convnet"]["test_mean"])
     start = starting["convnet"]
     # The margin must exceed the spread of the evaluation nets, or the comparison says nothing.
     spread = max(distilled["test_std"], start["test_std"])
@@ -175,7 +175,7 @@ def test_pad_on_real_mnist_beats_random_subsets_and_its_own_starting_set(tmp_pat
     # Artefacts: the grid, the best set verified by checksum, and a rerun that trains nothing new.
     run_dir = tmp_path / summary["run_dir"]
     assert (run_dir / "synthetic.png").stat().st_size > 0
-    best = stages.load_synthetic(run_dir / "synthetic_best.npz")
+    best = local_stages.load_synthetic(run_dir / "synthetic_best.npz")
     assert best.images.shape == (10, 1, 28, 28) and best.labels.shape == (10, 10)
     store = tmp_path / "store"
     stored = _store_files(store)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import tiny_config, tiny_dataset
-from pad_ray import stages
+from pad_ray import local_stages
 from pad_ray.augment import DSA
 from pad_ray.config import with_absolute_paths
 from pad_ray.difficulty import el2n_run
@@ -146,16 +146,16 @@ def test_expert_on_cuda_follows_the_cpu_trajectory(tiny, optimizer):
 def test_expert_on_ray_train_with_a_gpu(tmp_path, ray_cluster_with_a_gpu):
     import ray
 
-    from pad_ray import distributed
+    from pad_ray import ray_stages
 
     cfg = with_absolute_paths(tiny_config(tmp_path, resources={"use_gpu": True, "workers": 1, "max_failures": 0}))
     data = tiny_dataset()
     order = [torch.nonzero(data.train.labels == c).flatten() for c in range(3)]
-    reference = stages.ensure_experts(cfg.model_copy(update={"store_dir": cfg.store_dir + "-cpu"}), data, order,
+    reference = local_stages.ensure_experts(cfg.model_copy(update={"store_dir": cfg.store_dir + "-cpu"}), data, order,
                                       CPU, progress=False)
     ray.init(address=ray_cluster_with_a_gpu.address, log_to_driver=False)
     try:
-        store = distributed.generate_experts(cfg, data, order)
+        store = ray_stages.generate_experts(cfg, data, order)
     finally:
         ray.shutdown()
     for i in range(cfg.experts.num_experts):

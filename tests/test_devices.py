@@ -9,7 +9,7 @@ import ray
 import torch
 
 from conftest import tiny_config, tiny_dataset
-from pad_ray import distributed
+from pad_ray import ray_stages
 from pad_ray.config import to_dict, with_absolute_paths
 from pad_ray.difficulty import el2n_run
 from pad_ray.runtime import cuda_unusable_reason, derive_seed, visible_cuda_index
@@ -57,16 +57,16 @@ def _order(data):
 
 def test_el2n_task_on_an_unusable_gpu_fails_with_the_reason(fake_gpu_ray, tmp_path):
     with pytest.raises(Exception, match=r"Ray assigned this worker 1 GPU .* cannot use CUDA: \S") as raised:
-        distributed.difficulty_order(_gpu_config(tmp_path), tiny_dataset())
-    assert isinstance(raised.value.as_instanceof_cause(), distributed.GPUUnusableError)
+        ray_stages.difficulty_order(_gpu_config(tmp_path), tiny_dataset())
+    assert isinstance(raised.value.as_instanceof_cause(), ray_stages.GPUUnusableError)
 
 
 def test_expert_worker_on_an_unusable_gpu_fails_with_the_reason(fake_gpu_ray, tmp_path):
     cfg = _gpu_config(tmp_path)
     data = tiny_dataset()
     with pytest.raises(Exception, match=r"GPUUnusableError: Ray assigned this worker 1 GPU .* cannot use CUDA"):
-        distributed.generate_experts(cfg, data, _order(data))
-    assert distributed.TrajectoryStore(cfg.store_dir, cfg).missing(cfg.experts.num_experts) == [0, 1]
+        ray_stages.generate_experts(cfg, data, _order(data))
+    assert ray_stages.TrajectoryStore(cfg.store_dir, cfg).missing(cfg.experts.num_experts) == [0, 1]
 
 
 def test_sweep_trial_on_an_unusable_gpu_fails_with_the_reason(fake_gpu_ray, tmp_path):
@@ -91,8 +91,8 @@ def test_sweep_trial_on_an_unusable_gpu_fails_with_the_reason(fake_gpu_ray, tmp_
 def test_fake_gpus_opt_in_runs_on_the_cpu(fake_gpu_ray, tmp_path):
     cfg = _gpu_config(tmp_path)
     data = tiny_dataset()
-    task = distributed._el2n_task.options(num_cpus=1, num_gpus=1,
-                                          runtime_env={"env_vars": {**NO_CUDA, distributed.FAKE_GPUS_ENV: "1"}})
+    task = ray_stages._el2n_task.options(num_cpus=1, num_gpus=1,
+                                          runtime_env={"env_vars": {**NO_CUDA, ray_stages.FAKE_GPUS_ENV: "1"}})
     seed = derive_seed(cfg.data.seed, "el2n", 0)
     scores = ray.get(task.remote(data.train, data.num_classes, to_dict(cfg), seed, 1))
     expected = el2n_run(data.train, data.num_classes, cfg.model, cfg.difficulty, seed, torch.device("cpu"))

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config, write_malicious_pickle
-from pad_ray import data as datasets, files, stages
+from pad_ray import data as datasets, files, local_stages
 from pad_ray.distilled import FILE_NAME, class_folders, export, load_distilled, save_distilled
 from pad_ray.evaluate import SyntheticSet
 from pad_ray.progress import addresses
@@ -51,7 +51,7 @@ def test_the_file_holds_both_spaces_labels_lr_and_where_it_came_from(mnist_small
         cfg.model_dump(mode="json")))
     assert loaded.provenance["sweep"] == "s" and loaded.provenance["trial_id"] == "t1"
     assert loaded.provenance["dataset"] == "mnist" and loaded.provenance["pad_ray_version"]
-    repo_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(stages.__file__).parent,
+    repo_commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(local_stages.__file__).parent,
                                  capture_output=True, text=True).stdout.strip()
     assert loaded.provenance["git_commit"] == repo_commit
     # Pixels are the preprocessing undone (unclamped), and preprocessing them gives the images back.
@@ -110,7 +110,7 @@ def test_altered_truncated_or_foreign_files_are_refused_in_one_line(mnist_small,
     save_file({"images": torch.zeros(2, 1, 28, 28)}, str(foreign))
     cases[foreign] = "not a pad_ray distilled set"
     old = tmp_path / "synthetic_best.npz"
-    stages.save_synthetic(old, SyntheticSet(torch.zeros(10, 1, 28, 28), torch.zeros(10, 10), 0.01))
+    local_stages.save_synthetic(old, SyntheticSet(torch.zeros(10, 1, 28, 28), torch.zeros(10, 10), 0.01))
     cases[old] = "an older pad_ray"
     for target, expected in cases.items():
         with pytest.raises(files.IntegrityError) as caught:

@@ -240,14 +240,14 @@ def test_train_expert_with_gsam_at_rho_zero_is_the_sgd_expert(tiny):
 
 
 def test_stored_expert_carries_its_curves_and_the_accuracy_of_its_final_weights(tiny, tmp_path):
-    from pad_ray import stages
+    from pad_ray import local_stages
     from pad_ray.evaluate import accuracy
     from pad_ray.trajectories import TrajectoryStore
 
     _, data, order, _ = tiny
     cfg = tiny_config(tmp_path)
     store = TrajectoryStore(cfg.store_dir, cfg)
-    stages.produce_expert(cfg, store, 0, stages.ExpertSplits.of(data, CPU), order, 3, CPU)
+    local_stages.produce_expert(cfg, store, 0, local_stages.ExpertSplits.of(data, CPU), order, 3, CPU)
 
     quality = store.quality(1)
     expert = quality.experts[0]
@@ -265,14 +265,14 @@ def test_stored_expert_carries_its_curves_and_the_accuracy_of_its_final_weights(
 
 
 def test_a_resumed_expert_keeps_the_curves_of_the_epochs_before_the_interruption(tiny, tmp_path):
-    from pad_ray import stages
+    from pad_ray import local_stages
     from pad_ray.trajectories import TrajectoryStore
 
     _, data, order, _ = tiny
     cfg = tiny_config(tmp_path)
-    splits = stages.ExpertSplits.of(data, CPU)
+    splits = local_stages.ExpertSplits.of(data, CPU)
     whole = TrajectoryStore(cfg.store_dir, cfg)
-    stages.produce_expert(cfg, whole, 0, splits, order, 3, CPU)
+    local_stages.produce_expert(cfg, whole, 0, splits, order, 3, CPU)
 
     cut = tiny_config(tmp_path / "cut")
     store = TrajectoryStore(cut.store_dir, cut)
@@ -285,7 +285,7 @@ def test_a_resumed_expert_keeps_the_curves_of_the_epochs_before_the_interruption
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        stages.produce_expert(cut, store, 0, splits, order, 3, CPU, on_epoch=stop_after_two)
-    stages.produce_expert(cut, store, 0, splits, order, 3, CPU)
+        local_stages.produce_expert(cut, store, 0, splits, order, 3, CPU, on_epoch=stop_after_two)
+    local_stages.produce_expert(cut, store, 0, splits, order, 3, CPU)
     assert store.info(0)["resumed_at"] == [2]
     assert store.quality(1).experts[0] == whole.quality(1).experts[0]

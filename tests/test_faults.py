@@ -17,7 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import free_ports, start_driver, start_mlflow_server, tiny_config, wait_for
-from pad_ray import files, stages
+from pad_ray import files, local_stages
 from pad_ray.evaluate import SyntheticSet
 from pad_ray.trajectories import TrajectoryStore
 
@@ -187,10 +187,10 @@ def test_malicious_pickle_planted_as_a_trajectory_is_refused(tmp_path, monkeypat
 
 def test_altered_or_truncated_distilled_set_is_never_used(tmp_path):
     path = tmp_path / "synthetic_best.npz"
-    stages.save_synthetic(path, SyntheticSet(torch.randn(4, 1, 8, 8), torch.randn(4, 3), 0.01))
-    assert stages.load_synthetic(path).images.shape == (4, 1, 8, 8)
+    local_stages.save_synthetic(path, SyntheticSet(torch.randn(4, 1, 8, 8), torch.randn(4, 3), 0.01))
+    assert local_stages.load_synthetic(path).images.shape == (4, 1, 8, 8)
     original = path.read_bytes()
     for damaged in (original[:-64], original[:200] + bytes([original[200] ^ 1]) + original[201:]):
         path.write_bytes(damaged)
         with pytest.raises(files.IntegrityError, match="checksum mismatch"):
-            stages.load_synthetic(path)
+            local_stages.load_synthetic(path)

@@ -20,7 +20,7 @@ def test_importing_the_package_loads_no_torch_ray_or_mlflow():
 def test_every_export_resolves():
     from pad_ray.config import load_config
     from pad_ray.distill import Distiller
-    from pad_ray.stages import load_synthetic
+    from pad_ray.local_stages import load_synthetic
 
     assert pad_ray.load_config is load_config and pad_ray.Distiller is Distiller
     assert pad_ray.load_synthetic is load_synthetic

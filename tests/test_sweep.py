@@ -22,7 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import RAY_BIN, start_driver, wait_for
-from pad_ray import files, stages
+from pad_ray import files, local_stages
 from pad_ray.config import ConfigError
 from pad_ray.runtime import derive_seed
 from pad_ray.sweep_config import finite_grid, load_sweep, trial_config
@@ -538,9 +538,9 @@ def test_a_seed_sweep_stores_one_expert_set_per_split_and_repeats_differ(sweep_h
     keys = {}
     for params in finite_grid(sweep):
         cfg = trial_config(sweep, params)
-        data = stages.load_data(cfg)
-        order = stages.difficulty_order(cfg, data, torch.device("cpu"), progress=False)
-        stages.ensure_experts(cfg, data, order, torch.device("cpu"), progress=False)
+        data = local_stages.load_data(cfg)
+        order = local_stages.difficulty_order(cfg, data, torch.device("cpu"), progress=False)
+        local_stages.ensure_experts(cfg, data, order, torch.device("cpu"), progress=False)
         keys[params["data.seed"]] = TrajectoryStore(cfg.store_dir, cfg).key
     assert store_checksums(sweep_home / "store") == store_checksums(single)
     assert len(list((single / "experts").iterdir())) == 2 and len(list((single / "difficulty").glob("*.npz"))) == 2

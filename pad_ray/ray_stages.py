@@ -20,7 +20,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from pad_ray import stages
+from pad_ray import local_stages
 from pad_ray.config import RunConfig, to_dict
 from pad_ray.data import Dataset, Split
 from pad_ray.difficulty import el2n_run, order_by_score
@@ -75,13 +75,13 @@ def _el2n_task(train: Split, num_classes: int, cfg: dict[str, Any], seed: int, t
 
 
 def difficulty_order(cfg: RunConfig, data: Dataset) -> list[torch.Tensor]:
-    """Like `stages.difficulty_order`, with the K EL2N seeds run as parallel Ray tasks."""
+    """Like `local_stages.difficulty_order`, with the K EL2N seeds run as parallel Ray tasks."""
     cache = DifficultyCache(cfg.store_dir, cfg)
     order = cache.load()
     if order is not None:
         return order
     if cfg.difficulty.index_file:
-        return stages.difficulty_order(cfg, data, torch.device("cpu"))
+        return local_stages.difficulty_order(cfg, data, torch.device("cpu"))
     train = ray.put(data.train)
     options = {"num_cpus": cfg.resources.cpus_per_worker, "num_gpus": 1 if use_gpu(cfg) else 0}
     runs = [_el2n_task.options(**options).remote(train, data.num_classes, to_dict(cfg),
@@ -113,14 +113,14 @@ def _expert_worker(loop: dict[str, Any]) -> None:
     torch.set_num_threads(loop["threads"])
     cfg = RunConfig.model_validate(loop["config"])
     device = task_device()
-    splits = stages.ExpertSplits(*(_split_on(ray.get(ref), device) for ref in loop["splits"]))
+    splits = local_stages.ExpertSplits(*(_split_on(ray.get(ref), device) for ref in loop["splits"]))
     order = [torch.from_numpy(o.copy()) for o in ray.get(loop["order"])]
     store = TrajectoryStore(cfg.store_dir, cfg)
     for index in loop["missing"][context.get_world_rank()::context.get_world_size()]:
         if store.is_valid(index):  # finished before a restart
             continue
         bar = tqdm(total=cfg.experts.epochs, desc=f"expert {index}")
-        stages.produce_expert(cfg, store, index, splits, order, loop["num_classes"], device,
+        local_stages.produce_expert(cfg, store, index, splits, order, loop["num_classes"], device,
                               on_epoch=lambda epoch, loss: bar.update(1))
         bar.close()
 

@@ -13,7 +13,7 @@ import ray
 import torch
 
 from conftest import tiny_config, tiny_dataset
-from pad_ray import distributed, stages
+from pad_ray import local_stages, ray_stages
 from pad_ray.config import build_config, with_absolute_paths
 from pad_ray.distill import distill
 from pad_ray.trajectories import TrajectoryStore
@@ -45,7 +45,7 @@ def _reference(cfg, data, order, count):
     """The single-process trainer, into its own store."""
     reference = cfg.model_copy(update={"store_dir": cfg.store_dir + "-reference",
                                        "experts": cfg.experts.model_copy(update={"num_experts": count})})
-    return stages.ensure_experts(reference, data, order, CPU, progress=False)
+    return local_stages.ensure_experts(reference, data, order, CPU, progress=False)
 
 
 def _order(data):
@@ -57,20 +57,20 @@ def test_ray_train_experts_equal_single_process_and_are_never_trained_twice(loca
     data, order = tiny_dataset(), _order(tiny_dataset())
     reference = _reference(cfg, data, order, 3)
 
-    store = distributed.generate_experts(cfg, data, order)
+    store = ray_stages.generate_experts(cfg, data, order)
     assert store.missing(2) == []
     for i in range(2):
         assert np.array_equal(store.load(i), reference[i]), f"expert {i} differs from the single-process one"
 
     stamps = {i: os.stat(store._paths(i)[0]).st_mtime_ns for i in range(2)}
-    distributed.generate_experts(cfg, data, order)  # nothing missing: nothing trained
+    ray_stages.generate_experts(cfg, data, order)  # nothing missing: nothing trained
     assert {i: os.stat(store._paths(i)[0]).st_mtime_ns for i in range(2)} == stamps
 
     # Expert 1 damaged, and one more expert asked for: only those two are trained.
     path = store._paths(1)[0]
     path.write_bytes(path.read_bytes()[:-100])
     more = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"num_experts": 3})})
-    distributed.generate_experts(more, data, order)
+    ray_stages.generate_experts(more, data, order)
     assert os.stat(store._paths(0)[0]).st_mtime_ns == stamps[0]
     for i in range(3):
         assert np.array_equal(store.load(i), reference[i])
@@ -84,12 +84,12 @@ def test_killed_worker_loses_at_most_its_current_epoch(local_ray_with_state_api,
         "schedule": {"remove": []},
         "resources": {"workers": 2, "max_failures": 2},
     }))
-    data = stages.load_data(cfg)
-    order = stages.difficulty_order(cfg, data, CPU, progress=False)
+    data = local_stages.load_data(cfg)
+    order = local_stages.difficulty_order(cfg, data, CPU, progress=False)
     store = TrajectoryStore(cfg.store_dir, cfg)
 
     failure: list[BaseException] = []
-    runner = threading.Thread(target=lambda: _capture(failure, distributed.generate_experts, cfg, data, order))
+    runner = threading.Thread(target=lambda: _capture(failure, ray_stages.generate_experts, cfg, data, order))
     runner.start()
     killed_at = None
     deadline = time.monotonic() + 300
@@ -124,8 +124,8 @@ def _capture(failure, fn, *args):
 def test_el2n_seeds_in_parallel_give_the_sequential_order(local_ray, tmp_path):
     cfg = with_absolute_paths(tiny_config(tmp_path))
     data = tiny_dataset()
-    parallel = distributed.difficulty_order(cfg, data)
-    sequential = stages.difficulty_order(cfg.model_copy(update={"store_dir": str(tmp_path / "seq")}), data, CPU,
+    parallel = ray_stages.difficulty_order(cfg, data)
+    sequential = local_stages.difficulty_order(cfg.model_copy(update={"store_dir": str(tmp_path / "seq")}), data, CPU,
                                          progress=False)
     assert len(parallel) == len(sequential) == data.num_classes
     for a, b in zip(parallel, sequential, strict=True):
@@ -135,12 +135,12 @@ def test_el2n_seeds_in_parallel_give_the_sequential_order(local_ray, tmp_path):
 def test_distillation_from_object_refs_equals_distillation_from_files(local_ray, tmp_path):
     cfg = with_absolute_paths(tiny_config(tmp_path))
     data = tiny_dataset()
-    from_files = stages.ensure_experts(cfg, data, _order(data), CPU, progress=False)
+    from_files = local_stages.ensure_experts(cfg, data, _order(data), CPU, progress=False)
     store = TrajectoryStore(cfg.store_dir, cfg)
-    refs = distributed.put_trajectories(store, 2, distributed.last_sampled_epoch(cfg))
+    refs = ray_stages.put_trajectories(store, 2, ray_stages.last_sampled_epoch(cfg))
     windows = ray.get(refs)
     assert windows[0].dtype == np.float32 and not windows[0].flags.writeable  # zero-copy, read-only
-    assert len(windows[0]) == distributed.last_sampled_epoch(cfg) + 2 or len(windows[0]) == len(from_files[0])
+    assert len(windows[0]) == ray_stages.last_sampled_epoch(cfg) + 2 or len(windows[0]) == len(from_files[0])
 
     a = distill(cfg, data, from_files, CPU, progress=False)
     b = distill(cfg, data, windows, CPU, progress=False)
@@ -150,7 +150,7 @@ def test_distillation_from_object_refs_equals_distillation_from_files(local_ray,
 
 def test_distillation_window_keeps_sampled_rows_and_the_final_one():
     trajectory = np.arange(11 * 3, dtype=np.float32).reshape(11, 3)
-    window = distributed.distillation_window(trajectory, 4)
+    window = ray_stages.distillation_window(trajectory, 4)
     assert np.array_equal(window[:5], trajectory[:5]) and np.array_equal(window[-1], trajectory[-1])
     assert len(window) == 6
-    assert len(distributed.distillation_window(trajectory, 9)) == 11
+    assert len(ray_stages.distillation_window(trajectory, 9)) == 11
