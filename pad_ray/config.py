@@ -118,7 +118,9 @@ class DistillConfig(Section):
     lr_img: float = Field(gt=0)
     lr_lr: float = Field(gt=0)
     lr_y: float = Field(gt=0)
-    lr_teacher: float = Field(0.01, gt=0)  # initial syn_lr
+    # Initial syn_lr. A run config without it takes experts.lr: the released code trains the experts and
+    # starts syn_lr from one lr_teacher, so that N synthetic steps begin at the experts' step size.
+    lr_teacher: float = Field(0.01, gt=0)
     momentum_img: float = Field(0.5, ge=0, lt=1)
     momentum_lr: float = Field(0.5, ge=0, lt=1)
     momentum_y: float = Field(0.9, ge=0, lt=1)
@@ -190,6 +192,15 @@ class RunConfig(Section):
     distill: DistillConfig
     evaluate: EvalConfig = EvalConfig()
     resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_lr_from_experts(cls, raw: Any) -> Any:
+        distill, experts = (raw.get("distill"), raw.get("experts")) if isinstance(raw, dict) else (None, None)
+        if not isinstance(distill, dict) or "lr_teacher" in distill:
+            return raw
+        lr = experts.get("lr") if isinstance(experts, dict) else getattr(experts, "lr", None)
+        return raw if lr is None else {**raw, "distill": {**distill, "lr_teacher": lr}}
 
     @model_validator(mode="after")
     def _fits_experts(self) -> RunConfig:

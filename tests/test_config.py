@@ -53,6 +53,15 @@ def test_table7_values_reach_the_config():
     assert build_config({"preset": "cifar10-ipc1"}).distill.threshold == 1.1
 
 
+def test_syn_lr_starts_at_the_experts_lr_unless_the_config_gives_one():
+    # The released code has one lr_teacher for training the experts and for the initial syn_lr.
+    assert build_config({"preset": "smoke", "experts": {"lr": 0.03}}).distill.lr_teacher == 0.03
+    given = {"preset": "smoke", "experts": {"lr": 0.03}, "distill": {"lr_teacher": 0.02}}
+    assert build_config(given).distill.lr_teacher == 0.02
+    mnist = build_config({"preset": "mnist-ipc10"})
+    assert mnist.distill.lr_teacher == mnist.experts.lr == 0.05
+
+
 def test_file_values_override_the_preset():
     cfg = build_config({"preset": "cifar10-ipc10", "distill": {"alpha": 0.5}, "experts": {"optimizer": "sgd"}})
     assert cfg.distill.alpha == 0.5 and cfg.distill.syn_steps == 80 and cfg.experts.optimizer == "sgd"
