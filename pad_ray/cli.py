@@ -212,7 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     data.set_defaults(file=Path("pad-ray data"))
     export = command("export", _export, None)
     export.add_argument("source", metavar="SOURCE", help="a distilled_best.safetensors, a run folder, a Tune trial "
-                        "folder, or an MLflow artifact URI (runs:/RUN_ID/distilled_best.safetensors)")
+                        "folder, a sweep folder (its best trial), or an MLflow artifact URI "
+                        "(runs:/RUN_ID/distilled_best.safetensors)")
     # Checked by the command, not argparse: a bad value is then one line, as every other input error.
     export.add_argument("--format", default="safetensors", help="safetensors (default) or imagefolder")
     export.add_argument("--out", type=Path, required=True, help="folder to create (missing or empty)")

@@ -20,6 +20,7 @@ their sidecars. Nothing is unpickled: safetensors is a JSON header and raw littl
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -230,8 +231,11 @@ def _check(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -
 def resolve(source: str, tracking_uri: str | None = None) -> tuple[Path, str | None, tempfile.TemporaryDirectory | None]:
     """The local file a SOURCE names, the MLflow run it came from (for `runs:/` URIs), and the temporary
     folder holding a download (the caller removes it). SOURCE: a distilled file, a run folder or a
-    checkpoint holding one, a Tune trial folder (its latest checkpoint), or an MLflow artifact URI."""
+    checkpoint holding one, a Tune trial folder (its latest checkpoint), a sweep folder (its best trial),
+    or an MLflow artifact URI."""
     download, run_id = None, None
+    if not _URI.match(source) and (Path(source) / "results.csv").is_file():
+        source = _best_in_sweep(Path(source))
     if _URI.match(source):
         import mlflow.artifacts
         from mlflow.exceptions import MlflowException
@@ -255,6 +259,20 @@ def resolve(source: str, tracking_uri: str | None = None) -> tuple[Path, str | N
         raise
 
 
+def _best_in_sweep(folder: Path) -> str:
+    """Where a sweep folder's best trial keeps its set: the top row of results.csv, which ranks trials by
+    validation accuracy within each IPC, so it is the best only where the sweep has one IPC."""
+    with open(folder / "results.csv", newline="", encoding="utf-8", errors="replace") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("distilled_set_uri")]
+    if not rows:
+        raise files.IntegrityError(f"{folder / 'results.csv'}: no trial has a distilled set")
+    ipcs = sorted({row.get("ipc", "") for row in rows}, key=lambda ipc: (len(ipc), ipc))
+    if len(ipcs) > 1:
+        raise files.IntegrityError(f"{folder}: the sweep has a best set per IPC ({', '.join(ipcs)}); pass the "
+                                   "distilled_set_uri of the row you want from its results.csv")
+    return rows[0]["distilled_set_uri"]
+
+
 def _find(local: Path, source: str) -> Path:
     if local.is_file():
         return local
@@ -276,8 +294,8 @@ def load_distilled(source: str | os.PathLike[str], space: str = "preprocessed", 
                    tracking_uri: str | None = None) -> DistilledSet:
     """Load a distilled set (verified by its checksum) as a torch `Dataset`.
 
-    `source`: a `.safetensors` file, a run folder, a Tune trial folder or checkpoint, or an MLflow
-    artifact URI (`runs:/RUN_ID/distilled_best.safetensors`, resolved with
+    `source`: a `.safetensors` file, a run folder, a Tune trial folder or checkpoint, a sweep folder
+    (its best trial, where the sweep has one IPC), or an MLflow artifact URI (`runs:/RUN_ID/distilled_best.safetensors`, resolved with
     `mlflow.artifacts.download_artifacts` against `tracking_uri` or MLflow's default). `space`:
     `preprocessed` (pad_ray's training space; `.transform` preprocesses real test images likewise) or
     `pixels` (`.transform` is the identity). `soft`: targets are the learned logits, else class indices.

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,3 +336,48 @@ def start_mlflow_server(home: Path, port: int) -> subprocess.Popen:
 
     wait_for(healthy, "the MLflow server", timeout=300, alive=server)
     return server
+
+
+# -- a distilled set used elsewhere ---------------------------------------------------------------
+
+TORCHVISION_ONLY = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torchvision import datasets, transforms
+
+    folder, mnist_root = sys.argv[1:]
+    torch.manual_seed(0)
+    pixels = transforms.Compose([transforms.Grayscale(), transforms.ToTensor()])
+    train = datasets.ImageFolder(folder, transform=pixels)
+    test = datasets.MNIST(mnist_root, train=False, transform=pixels)
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                        nn.Flatten(), nn.Linear(512, 10))
+    images, labels = next(iter(torch.utils.data.DataLoader(train, batch_size=len(train))))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for step in range(300):
+        optimizer.zero_grad()
+        F.cross_entropy(net(images), labels).backward()
+        optimizer.step()
+    correct = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(test, batch_size=1000):
+            correct += (net(x).argmax(1) == y).sum().item()
+    print(correct / len(test), "pad_ray" in sys.modules)
+""")
+
+
+def train_without_pad_ray(folder: Path, mnist_root: Path, where: Path) -> float:
+    """Train a small torchvision model on an exported ImageFolder in a fresh interpreter that never
+    imports pad_ray; its accuracy on the real MNIST test set."""
+    script = where / "train_without_pad_ray.py"
+    script.write_text(TORCHVISION_ONLY)
+    trained = subprocess.run([sys.executable, str(script), str(folder), str(mnist_root)], capture_output=True,
+                             text=True, timeout=600, cwd=where)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    accuracy, imported = trained.stdout.split()
+    assert imported == "False"
+    return float(accuracy)
+

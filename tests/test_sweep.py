@@ -21,7 +21,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import RAY_BIN, start_driver, wait_for
+from conftest import RAY_BIN, start_driver, train_without_pad_ray, wait_for
 from pad_ray import files, local_stages
 from pad_ray.config import ConfigError
 from pad_ray.runtime import derive_seed
@@ -96,7 +96,8 @@ def assert_each_step_once(client, run, eval_every: int = 4) -> int:
     return len(evaluations)
 
 
-def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(sweep_home, ray_cluster, smoke_store):
+def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(sweep_home, ray_cluster, smoke_store, mnist_root,
+                                                                 tmp_path):
     """From cold: EL2N and both expert sets on Ray Train, then 8 trials."""
     home = sweep_home
     result = subprocess.run(sweep_command(SMOKE), capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -135,6 +136,16 @@ def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(sweep_home, ray_
     assert best == trial_config_yaml  # what the trial itself ran with, paths included
     logged = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"results.csv", "best_config.yaml", "accuracy_vs_alpha.png"} <= logged
+
+    # What a user takes away: the sweep's best set (its top row's MLflow artifact), exported, trains a
+    # torchvision model that never imports pad_ray.
+    exported = tmp_path / "best-imagefolder"
+    export = subprocess.run([sys.executable, "-m", "pad_ray.cli", "export", str(out), "--format", "imagefolder",
+                             "--out", str(exported)], capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert len(list(exported.rglob("*.png"))) == int(top["ipc"]) * 10
+    # One image per class, 10 in all: well above chance (0.1) only if images and class folders agree.
+    assert train_without_pad_ray(exported, mnist_root, tmp_path) > 0.25
 
 
 def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config(sweep_home, ray_cluster, warm_store,
