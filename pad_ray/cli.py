@@ -24,7 +24,7 @@ from typing import Any
 from pad_ray.config import (PRESET_DIR, PRESETS, ConfigError, RunConfig, check_config, load_config, parse_overrides,
                             preset_header, read_with_overrides, with_absolute_paths)
 from pad_ray.errors import input_error, input_error_types
-from pad_ray.sweep_config import check_sweep, finite_grid, load_sweep
+from pad_ray.sweep_config import add_sweep_flags, check_sweep, finite_grid, load_sweep
 
 # torch, Ray and MLflow are imported inside the commands that use them, so that `--help`, `presets`,
 # `validate` and every config error answer at once.
@@ -108,20 +108,6 @@ def _sweep(args: argparse.Namespace) -> int:
     from pad_ray.sweep import launch
 
     return launch(sweep, args, str(args.file))
-
-
-def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
-    """--dry-run and --fresh / --resume, for `pad-ray sweep` and `python -m pad_ray.sweep` alike."""
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the trials, the expert sets (cached / to train, and their cost), the object-store "
-                             "bytes and each trial's memory on both gradient paths; train, start and write nothing")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--fresh", dest="rerun", action="store_const", const="fresh",
-                       help="start a new sweep: an earlier sweep of this name is moved aside to "
-                            "<storage_path>/<name>.replaced-<time> (nothing is deleted)")
-    group.add_argument("--resume", dest="rerun", action="store_const", const="resume",
-                       help="continue the earlier sweep of this name as it was started, although the file "
-                            "changed since (the changes are ignored)")
 
 
 def is_sweep(raw: Any) -> bool:

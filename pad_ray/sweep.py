@@ -34,14 +34,14 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from pad_ray import files, local_stages, plan, progress, ray_stages, report, rerun, tracking
-from pad_ray.cli import add_sweep_flags
 from pad_ray.config import RunConfig, absolute, parse_overrides, to_dict, with_absolute_paths
 from pad_ray.data import Dataset
 from pad_ray.distill import Distiller, distill
 from pad_ray.distilled import FILE_NAME as DISTILLED_FILE, save_distilled
 from pad_ray.errors import input_error, input_error_types
 from pad_ray.scheduling import GroupedASHA
-from pad_ray.sweep_config import REPEAT, SweepConfig, evaluations_by_group, finite_grid, load_sweep, trial_config
+from pad_ray.sweep_config import (REPEAT, SweepConfig, add_sweep_flags, evaluations_by_group, finite_grid, load_sweep,
+                                  trial_config)
 from pad_ray.trajectories import TrajectoryStore
 
 PARENT_RUN_ENV = "PAD_RAY_MLFLOW_PARENT_RUN"

@@ -1,13 +1,15 @@
 """The sweep file: a base run config, a search space, and how Ray Tune and MLflow run it.
 
 Loading a sweep expands its finite grid into trial configs and validates every one of them, so that a
-bad key stops the sweep before any work. Kept apart from the run schema in `config`, which knows
+bad key stops the sweep before any work. The flags of an invocation live here too, shared by
+`pad-ray sweep` and `python -m pad_ray.sweep`. Kept apart from the run schema in `config`, which knows
 nothing of sweeps, and from the driver in `sweep`, which needs Ray: checking a sweep file imports
 neither Ray nor MLflow.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import re
 from pathlib import Path
@@ -287,3 +289,17 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     if sweep is None:
         raise ConfigError(problems[0], problems)
     return sweep
+
+
+def add_sweep_flags(parser: argparse.ArgumentParser) -> None:
+    """--dry-run and --fresh / --resume, for `pad-ray sweep` and `python -m pad_ray.sweep` alike."""
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the trials, the expert sets (cached / to train, and their cost), the object-store "
+                             "bytes and each trial's memory on both gradient paths; train, start and write nothing")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--fresh", dest="rerun", action="store_const", const="fresh",
+                       help="start a new sweep: an earlier sweep of this name is moved aside to "
+                            "<storage_path>/<name>.replaced-<time> (nothing is deleted)")
+    group.add_argument("--resume", dest="rerun", action="store_const", const="resume",
+                       help="continue the earlier sweep of this name as it was started, although the file "
+                            "changed since (the changes are ignored)")
