@@ -295,8 +295,9 @@ def load_distilled(source: str | os.PathLike[str], space: str = "preprocessed", 
     """Load a distilled set (verified by its checksum) as a torch `Dataset`.
 
     `source`: a `.safetensors` file, a run folder, a Tune trial folder or checkpoint, a sweep folder
-    (its best trial, where the sweep has one IPC), or an MLflow artifact URI (`runs:/RUN_ID/distilled_best.safetensors`, resolved with
-    `mlflow.artifacts.download_artifacts` against `tracking_uri` or MLflow's default). `space`:
+    (its best trial, where the sweep has one IPC), or an MLflow artifact URI
+    (`runs:/RUN_ID/distilled_best.safetensors`, resolved with `mlflow.artifacts.download_artifacts`
+    against `tracking_uri` or MLflow's default). `space`:
     `preprocessed` (pad_ray's training space; `.transform` preprocesses real test images likewise) or
     `pixels` (`.transform` is the identity). `soft`: targets are the learned logits, else class indices.
     """

@@ -121,7 +121,7 @@ def _expert_worker(loop: dict[str, Any]) -> None:
             continue
         bar = tqdm(total=cfg.experts.epochs, desc=f"expert {index}")
         local_stages.produce_expert(cfg, store, index, splits, order, loop["num_classes"], device,
-                              on_epoch=lambda epoch, loss: bar.update(1))
+                                    on_epoch=lambda epoch, loss: bar.update(1))
         bar.close()
 
 

@@ -380,4 +380,3 @@ def train_without_pad_ray(folder: Path, mnist_root: Path, where: Path) -> float:
     accuracy, imported = trained.stdout.split()
     assert imported == "False"
     return float(accuracy)
-
