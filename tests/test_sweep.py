@@ -207,7 +207,7 @@ def _checkpointed_trials(home: Path) -> set[str]:
     """Trials whose last saved result in Tune's experiment state came with a checkpoint: what a killed
     driver can resume them from. Tune saves that state every 10 s or every num_to_keep checkpoints, so
     MLflow (logged as each result arrives) may be ahead of it."""
-    states = sorted((home / "sweeps" / "smoke").glob("experiment_state-*.json"))
+    states = sorted((home / "sweeps" / "interrupted").glob("experiment_state-*.json"))
     try:
         state = json.loads(states[-1].read_text()) if states else {"trial_data": []}
     except json.JSONDecodeError:  # being rewritten: read again on the next poll
@@ -223,9 +223,9 @@ def _checkpointed_trials(home: Path) -> set[str]:
 def _interrupt_point(home: Path) -> tuple[dict[str, int], dict[str, int]] | None:
     """(finished, running) trials as MLflow has them -> their numbers of evaluations, once a trial has
     finished while another is still running with a checkpoint that Tune's saved state records."""
-    if not (home / "sweeps" / "smoke").exists():  # Tune has started: MLflow's tables exist by then
+    if not (home / "sweeps" / "interrupted").exists():  # Tune has started: MLflow's tables exist by then
         return None
-    client, trials, _ = children(home)
+    client, trials, _ = children(home, "interrupted")
     checkpointed = _checkpointed_trials(home)
     counts = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_accuracy")) for r in trials}
     finished = {r.info.run_id: counts[r.info.run_id] for r in trials if r.info.status == "FINISHED"}
@@ -238,8 +238,17 @@ def _interrupt_point(home: Path) -> tuple[dict[str, int], dict[str, int]] | None
 def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, warm_store, ray_cluster, tmp_path,
                                                                     stop):
     home = sweep_home
+    # The smoke sweep's experts, four trials two at a time, and no early stop before a trial's end: a trial
+    # running at the interrupt has several evaluations left, so it cannot finish (or be stopped by ASHA)
+    # in the seconds between the interrupt point and the signal.
+    sweep = yaml.safe_load(SMOKE.read_text())
+    sweep.update(name="interrupted", space={"alpha": [0.0, 0.1], "ir": [0.5, 0.75]})
+    sweep["base"]["distill"] = {"iterations": 32, "eval_every": 4}
+    sweep["asha"]["grace_period"] = 8
+    path = tmp_path / "interrupted.yaml"
+    path.write_text(yaml.safe_dump(sweep))
     log = open(tmp_path / "driver.log", "w")  # a file, not a pipe nobody reads: a full pipe blocks the driver
-    driver = subprocess.Popen(sweep_command(SMOKE), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    driver = subprocess.Popen(sweep_command(path), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     point = None
     while point is None and time.monotonic() < deadline and driver.poll() is None:
@@ -250,7 +259,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, 
     driver.send_signal(stop)
     code = driver.wait(timeout=300)
     log.close()
-    client, trials, parents = children(sweep_home)
+    client, trials, parents = children(home, "interrupted")
     running_ids = {r.data.tags["trial_id"] for r in trials if r.info.run_id in running_before}
     (parent,) = parents
     if stop == signal.SIGINT:
@@ -260,27 +269,27 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, 
         statuses = {r.info.status for r in trials}
         assert "KILLED" in statuses and "RUNNING" not in statuses, statuses  # the unfinished trials' runs too
         assert "pad_ray.sweep: interrupted: " in (tmp_path / "driver.log").read_text()
-        rows = list(csv.DictReader((home / "sweeps" / "smoke" / "results.csv").open()))
+        rows = list(csv.DictReader((home / "sweeps" / "interrupted" / "results.csv").open()))
         assert {row["partial"] for row in rows} == {"True"} and "unfinished" in {row["status"] for row in rows}
-        assert (home / "sweeps" / "smoke" / "best_config.yaml").read_text().startswith("# partial: true")
+        assert (home / "sweeps" / "interrupted" / "best_config.yaml").read_text().startswith("# partial: true")
     else:
         assert code == -signal.SIGKILL and parent.info.status == "RUNNING"
 
-    again = subprocess.run(sweep_command(SMOKE), capture_output=True, text=True, timeout=900, cwd=REPO)
+    again = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
-    client, trials, parents = children(sweep_home)
-    assert len(trials) == 8 and len({r.data.tags["trial_id"] for r in trials}) == 8
+    client, trials, parents = children(home, "interrupted")
+    assert len(trials) == 4 and len({r.data.tags["trial_id"] for r in trials}) == 4
     assert [p.info.run_id for p in parents] == [parent.info.run_id]  # the resumed sweep kept its parent run
     assert parents[0].info.status == "FINISHED" and parents[0].data.tags["partial"] == "false"
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
     assert all(r.info.status == "FINISHED" for r in trials)
-    rows = list(csv.DictReader((home / "sweeps" / "smoke" / "results.csv").open()))
+    rows = list(csv.DictReader((home / "sweeps" / "interrupted" / "results.csv").open()))
     assert {row["partial"] for row in rows} == {"False"} and "unfinished" not in {row["status"] for row in rows}
     evaluations = {r.info.run_id: assert_each_step_once(client, r) for r in trials}  # nothing twice, no gaps
     for run_id, count in done_before.items():
         assert evaluations[run_id] == count  # not rerun
-    tune = tune_trials(home, "smoke")
-    assert_runs_match_their_trials(client, trials, tune, load_sweep(SMOKE))
+    tune = tune_trials(home, "interrupted")
+    assert_runs_match_their_trials(client, trials, tune, load_sweep(path))
     for trial_id in running_ids:
         # Resumed from its checkpoint: Tune restored it with evaluations already done, and the trial's
         # first report after the restore continues the iteration count where the checkpoint left it.
