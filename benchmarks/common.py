@@ -95,11 +95,12 @@ def child_payload(argv: Sequence[str]) -> dict[str, Any] | None:
 # -- parent side ------------------------------------------------------------------------------
 
 def run_child(script: Path | str, payload: dict[str, Any], timeout_s: float = 900,
-              env: dict[str, str] | None = None, attempts: int = 1) -> dict[str, Any]:
+              env: dict[str, str] | None = None, attempts: int = 1, show_stderr: bool = False) -> dict[str, Any]:
     """Run `script --child payload` in a fresh interpreter; its RESULT line, or an error record.
-    With attempts > 1 a failed child is started again (transient failures of a local Ray start)."""
+    With attempts > 1 a failed child is started again (transient failures of a local Ray start).
+    show_stderr: the child's stderr (its progress bars) goes to this terminal instead of the error record."""
     for attempt in range(attempts):
-        result = _run_child_once(script, payload, timeout_s, env)
+        result = _run_child_once(script, payload, timeout_s, env, show_stderr)
         if "error" not in result:
             return {**result, "attempts": attempt + 1}
         print(f"  child failed (attempt {attempt + 1}/{attempts}): {result['error'][-300:]}", flush=True)
@@ -107,12 +108,12 @@ def run_child(script: Path | str, payload: dict[str, Any], timeout_s: float = 90
 
 
 def _run_child_once(script: Path | str, payload: dict[str, Any], timeout_s: float,
-                    env: dict[str, str] | None) -> dict[str, Any]:
+                    env: dict[str, str] | None, show_stderr: bool) -> dict[str, Any]:
     began = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, str(script), "--child", json.dumps(payload)],
-                              capture_output=True, text=True, timeout=timeout_s, cwd=REPO,
-                              env={**os.environ, **(env or {})})
+                              stdout=subprocess.PIPE, stderr=None if show_stderr else subprocess.PIPE,
+                              text=True, timeout=timeout_s, cwd=REPO, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {**payload, "error": f"timed out after {timeout_s:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
@@ -120,7 +121,7 @@ def _run_child_once(script: Path | str, payload: dict[str, Any], timeout_s: floa
             result = json.loads(line[len("RESULT "):])
             result.setdefault("child_wall_s", time.perf_counter() - began)
             return result
-    tail = [line for line in (proc.stdout + "\n" + proc.stderr).splitlines() if line.strip()][-12:]
+    tail = [line for line in (proc.stdout + "\n" + (proc.stderr or "")).splitlines() if line.strip()][-12:]
     return {**payload, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
 
 

@@ -33,6 +33,13 @@ import common  # noqa: E402
 
 ROWS = ("random", "start", "pad", "alpha0", "no_schedule", "datm", "ceiling")
 NO_SCHEDULE = {"schedule": {"init_ratio": 1.0, "add_end_epoch": 0, "remove": []}}
+# --quick: the same rows and protocol (nets, draws) on tiny data and runs, to check the script in a minute.
+QUICK = {"data": {"train_per_class": 30, "test_size": 500}, "difficulty": {"seeds": 1, "epochs": 1},
+         "experts": {"num_experts": 2, "epochs": 3},
+         "schedule": {"add_end_epoch": 1, "remove": [{"after_epoch": 2, "easiest_fraction": 0.1}]},
+         "distill": {"iterations": 4, "eval_every": 2, "max_start_epoch": 2, "current_max_start_epoch": 1,
+                     "syn_steps": 4, "expert_epochs": 1},
+         "evaluate": {"epochs": 5}}
 ROW_OVERRIDES = {
     "random": {}, "start": {}, "pad": {}, "alpha0": {"distill": {"alpha": 0.0}},
     "no_schedule": NO_SCHEDULE, "datm": {**NO_SCHEDULE, "distill": {"alpha": 0.0}}, "ceiling": NO_SCHEDULE,
@@ -47,7 +54,7 @@ def run_config(p: dict):
            "store_dir": p["store"],
            "output_dir": p["store"], "device": "auto", "resources": {"workers": 0},
            "evaluate": {"num_nets": p["nets"]}}
-    raw = deep_merge(deep_merge(raw, p["overrides"]), ROW_OVERRIDES[p["row"]])
+    raw = deep_merge(deep_merge(deep_merge(raw, QUICK if p["quick"] else {}), p["overrides"]), ROW_OVERRIDES[p["row"]])
     return build_config(raw, f"quality row {p['row']}")
 
 
@@ -63,8 +70,8 @@ def child(p: dict) -> dict:
     dev = resolve_device(cfg.device)
     began = time.perf_counter()
     data = local_stages.load_data(cfg)
-    order = local_stages.difficulty_order(cfg, data, dev, progress=False)
-    trajectories = local_stages.ensure_experts(cfg, data, order, dev, progress=False)
+    order = local_stages.difficulty_order(cfg, data, dev)
+    trajectories = local_stages.ensure_experts(cfg, data, order, dev)
     quality = TrajectoryStore(cfg.store_dir, cfg).quality(cfg.experts.num_experts)
     row = {**{k: p[k] for k in ("ipc", "row")}, "threads": threads, "device": str(dev),
            "expert_test_accuracy": quality.summary()["test_accuracy"], "prepare_s": time.perf_counter() - began}
@@ -84,7 +91,7 @@ def child(p: dict) -> dict:
         if p["row"] == "start":
             synthetic = Distiller(cfg, data, trajectories, dev).synthetic()
         else:
-            distiller = distill(cfg, data, trajectories, dev, progress=False)
+            distiller = distill(cfg, data, trajectories, dev)
             synthetic = distiller.best_synthetic()
             row.update(iterations=distiller.iteration, skipped=distiller.skipped, distill_s=distiller.elapsed,
                        best_iteration=distiller.best.iteration)
@@ -120,11 +127,13 @@ def main() -> int:
     rows = []
     for ipc in args.ipc:
         for row in args.rows:
-            payload = {"family": family, "dataset": args.dataset, "ipc": ipc, "row": row, "root": str(Path(args.root).resolve()),
-                       "overrides": copy.deepcopy(overrides), "nets": args.nets, "draws": args.draws,
-                       "store": str(Path(args.store).resolve()), "threads": args.threads}
+            payload = {"family": family, "dataset": args.dataset, "ipc": ipc, "row": row,
+                       "root": str(Path(args.root).resolve()), "overrides": copy.deepcopy(overrides),
+                       "nets": args.nets, "draws": args.draws, "store": str(Path(args.store).resolve()),
+                       "threads": args.threads, "quick": args.quick}
             print(f"IPC {ipc} {row} ...", flush=True)
-            result = common.run_child(__file__, payload, timeout_s=6 * 3600)
+            # A row takes minutes to an hour: its progress bars (EL2N, experts, distillation) show here.
+            result = common.run_child(__file__, payload, timeout_s=6 * 3600, show_stderr=True)
             print(f"  {common.fmt(result.get('test_mean'))} +- {common.fmt(result.get('test_std'))}"
                   f" ({common.fmt(result.get('child_wall_s'))} s){' ' + result['error'] if 'error' in result else ''}",
                   flush=True)
