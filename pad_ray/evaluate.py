@@ -55,13 +55,13 @@ def accuracy(net: nn.Module, split: Split, device: torch.device, batch: int = 10
     if len(split.labels) == 0:
         return float("nan")
     net.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)  # one sync at the end, not one per batch
     with torch.no_grad():
         for start in range(0, len(split.labels), batch):
             x = split.images[start:start + batch].to(device)
             y = split.labels[start:start + batch].to(device)
-            correct += (net(x).argmax(dim=1) == y).sum().item()
-    return correct / len(split.labels)
+            correct += (net(x).argmax(dim=1) == y).sum()
+    return correct.item() / len(split.labels)
 
 
 def train_on(synthetic: SyntheticSet, net: nn.Module, cfg: EvalConfig, seed: int, device: torch.device) -> nn.Module:

@@ -88,16 +88,16 @@ class ExpertRun:
         self.net.train()
         subset = scheduled_indices(self.epoch, self.order, self.schedule)
         subset = subset[torch.randperm(len(subset), generator=self.gen)]
-        total, count = 0.0, 0
+        # Summed on the device: a .item() per batch would make a GPU wait for every step.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in subset.split(self.cfg.batch_size):
             x = self.train.images[batch].to(self.device)
             y = self.train.labels[batch].to(self.device)
             if self.dsa is not None:
                 x = self.dsa(x, self.gen)
-            loss = self._step(x, y)
-            total, count = total + loss.item() * len(batch), count + len(batch)
+            total += self._step(x, y).detach().double() * len(batch)
         self.snapshots.append(self.flat.flatten().cpu())
-        return total / count
+        return total.item() / len(subset)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         def loss_fn() -> torch.Tensor:
