@@ -124,6 +124,9 @@ def main() -> int:
 
     overrides = parse_overrides(args.overrides)
     family = args.family or args.dataset
+    name = args.name or f"quality-{args.dataset}"
+    meta = {**common.machine(), "dataset": args.dataset, "family": family, "overrides": overrides,
+            "nets": args.nets, "draws": args.draws}
     rows = []
     for ipc in args.ipc:
         for row in args.rows:
@@ -138,12 +141,12 @@ def main() -> int:
                   f" ({common.fmt(result.get('child_wall_s'))} s){' ' + result['error'] if 'error' in result else ''}",
                   flush=True)
             rows.append(result)
-    meta = {**common.machine(), "dataset": args.dataset, "family": family, "overrides": overrides,
-            "nets": args.nets, "draws": args.draws}
+            # Rows take up to an hour each: what is done is on disk if the rest is interrupted.
+            common.write_results(name, args.quick, {**meta, "complete": False}, rows, _margins(rows))
     columns = [("ipc", "IPC"), ("row", "row"), ("test_mean", "test acc %"), ("test_std", "std"), ("nets", "nets"),
                ("expert_test_accuracy", "expert acc"), ("iterations", "iters"), ("skipped", "skipped"),
                ("distill_s", "distill s"), ("child_wall_s", "wall s")]
-    common.report(args.name or f"quality-{args.dataset}", args.quick, meta, rows, columns, _margins(rows))
+    common.report(name, args.quick, {**meta, "complete": True}, rows, columns, _margins(rows))
     return 0
 
 
