@@ -54,7 +54,8 @@ def run_config(p: dict):
            "store_dir": p["store"],
            "output_dir": p["store"], "device": "auto", "resources": {"workers": 0},
            "evaluate": {"num_nets": p["nets"]}}
-    raw = deep_merge(deep_merge(deep_merge(raw, QUICK if p["quick"] else {}), p["overrides"]), ROW_OVERRIDES[p["row"]])
+    for layer in (QUICK if p["quick"] else {}, p["overrides"], ROW_OVERRIDES[p["row"]]):
+        raw = deep_merge(raw, layer)
     return build_config(raw, f"quality row {p['row']}")
 
 

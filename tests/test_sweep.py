@@ -203,11 +203,14 @@ def test_diverging_trial_fails_with_its_reason_while_the_others_finish(sweep_hom
     assert_runs_match_their_trials(client, trials, tune_trials(sweep_home, "nan"), load_sweep(_nan_sweep(tmp_path)))
 
 
+INTERRUPTED = "interrupted"  # the interrupted-sweep test's sweep: its name, MLflow experiment and folder
+
+
 def _checkpointed_trials(home: Path) -> set[str]:
     """Trials whose last saved result in Tune's experiment state came with a checkpoint: what a killed
     driver can resume them from. Tune saves that state every 10 s or every num_to_keep checkpoints, so
     MLflow (logged as each result arrives) may be ahead of it."""
-    states = sorted((home / "sweeps" / "interrupted").glob("experiment_state-*.json"))
+    states = sorted((home / "sweeps" / INTERRUPTED).glob("experiment_state-*.json"))
     try:
         state = json.loads(states[-1].read_text()) if states else {"trial_data": []}
     except json.JSONDecodeError:  # being rewritten: read again on the next poll
@@ -223,9 +226,9 @@ def _checkpointed_trials(home: Path) -> set[str]:
 def _interrupt_point(home: Path) -> tuple[dict[str, int], dict[str, int]] | None:
     """(finished, running) trials as MLflow has them -> their numbers of evaluations, once a trial has
     finished while another is still running with a checkpoint that Tune's saved state records."""
-    if not (home / "sweeps" / "interrupted").exists():  # Tune has started: MLflow's tables exist by then
+    if not (home / "sweeps" / INTERRUPTED).exists():  # Tune has started: MLflow's tables exist by then
         return None
-    client, trials, _ = children(home, "interrupted")
+    client, trials, _ = children(home, INTERRUPTED)
     checkpointed = _checkpointed_trials(home)
     counts = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_accuracy")) for r in trials}
     finished = {r.info.run_id: counts[r.info.run_id] for r in trials if r.info.status == "FINISHED"}
@@ -242,10 +245,10 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, 
     # running at the interrupt has several evaluations left, so it cannot finish (or be stopped by ASHA)
     # in the seconds between the interrupt point and the signal.
     sweep = yaml.safe_load(SMOKE.read_text())
-    sweep.update(name="interrupted", space={"alpha": [0.0, 0.1], "ir": [0.5, 0.75]})
+    sweep.update(name=INTERRUPTED, space={"alpha": [0.0, 0.1], "ir": [0.5, 0.75]})
     sweep["base"]["distill"] = {"iterations": 32, "eval_every": 4}
     sweep["asha"]["grace_period"] = 8
-    path = tmp_path / "interrupted.yaml"
+    path = tmp_path / f"{INTERRUPTED}.yaml"
     path.write_text(yaml.safe_dump(sweep))
     log = open(tmp_path / "driver.log", "w")  # a file, not a pipe nobody reads: a full pipe blocks the driver
     driver = subprocess.Popen(sweep_command(path), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -259,7 +262,8 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, 
     driver.send_signal(stop)
     code = driver.wait(timeout=300)
     log.close()
-    client, trials, parents = children(home, "interrupted")
+    folder = home / "sweeps" / INTERRUPTED
+    client, trials, parents = children(home, INTERRUPTED)
     running_ids = {r.data.tags["trial_id"] for r in trials if r.info.run_id in running_before}
     (parent,) = parents
     if stop == signal.SIGINT:
@@ -269,26 +273,26 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, 
         statuses = {r.info.status for r in trials}
         assert "KILLED" in statuses and "RUNNING" not in statuses, statuses  # the unfinished trials' runs too
         assert "pad_ray.sweep: interrupted: " in (tmp_path / "driver.log").read_text()
-        rows = list(csv.DictReader((home / "sweeps" / "interrupted" / "results.csv").open()))
+        rows = list(csv.DictReader((folder / "results.csv").open()))
         assert {row["partial"] for row in rows} == {"True"} and "unfinished" in {row["status"] for row in rows}
-        assert (home / "sweeps" / "interrupted" / "best_config.yaml").read_text().startswith("# partial: true")
+        assert (folder / "best_config.yaml").read_text().startswith("# partial: true")
     else:
         assert code == -signal.SIGKILL and parent.info.status == "RUNNING"
 
     again = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
-    client, trials, parents = children(home, "interrupted")
+    client, trials, parents = children(home, INTERRUPTED)
     assert len(trials) == 4 and len({r.data.tags["trial_id"] for r in trials}) == 4
     assert [p.info.run_id for p in parents] == [parent.info.run_id]  # the resumed sweep kept its parent run
     assert parents[0].info.status == "FINISHED" and parents[0].data.tags["partial"] == "false"
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
     assert all(r.info.status == "FINISHED" for r in trials)
-    rows = list(csv.DictReader((home / "sweeps" / "interrupted" / "results.csv").open()))
+    rows = list(csv.DictReader((folder / "results.csv").open()))
     assert {row["partial"] for row in rows} == {"False"} and "unfinished" not in {row["status"] for row in rows}
     evaluations = {r.info.run_id: assert_each_step_once(client, r) for r in trials}  # nothing twice, no gaps
     for run_id, count in done_before.items():
         assert evaluations[run_id] == count  # not rerun
-    tune = tune_trials(home, "interrupted")
+    tune = tune_trials(home, INTERRUPTED)
     assert_runs_match_their_trials(client, trials, tune, load_sweep(path))
     for trial_id in running_ids:
         # Resumed from its checkpoint: Tune restored it with evaluations already done, and the trial's
