@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import signal
@@ -204,6 +205,7 @@ def test_diverging_trial_fails_with_its_reason_while_the_others_finish(sweep_hom
 
 
 INTERRUPTED = "interrupted"  # the interrupted-sweep test's sweep: its name, MLflow experiment and folder
+EVALUATIONS = 8  # of each of its trials
 
 
 def _checkpointed_trials(home: Path) -> set[str]:
@@ -225,7 +227,9 @@ def _checkpointed_trials(home: Path) -> set[str]:
 
 def _interrupt_point(home: Path) -> tuple[dict[str, int], dict[str, int]] | None:
     """(finished, running) trials as MLflow has them -> their numbers of evaluations, once a trial has
-    finished while another is still running with a checkpoint that Tune's saved state records."""
+    finished while another is still running with a checkpoint that Tune's saved state records and at
+    least three evaluations left. The first two trials start together and run in step, so when one
+    finishes the other is about to: the running trial this waits for is usually a later one."""
     if not (home / "sweeps" / INTERRUPTED).exists():  # Tune has started: MLflow's tables exist by then
         return None
     client, trials, _ = children(home, INTERRUPTED)
@@ -233,7 +237,8 @@ def _interrupt_point(home: Path) -> tuple[dict[str, int], dict[str, int]] | None
     counts = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_accuracy")) for r in trials}
     finished = {r.info.run_id: counts[r.info.run_id] for r in trials if r.info.status == "FINISHED"}
     running = {r.info.run_id: counts[r.info.run_id] for r in trials
-               if r.info.status == "RUNNING" and counts[r.info.run_id] >= 1 and r.data.tags["trial_id"] in checkpointed}
+               if r.info.status == "RUNNING" and 1 <= counts[r.info.run_id] <= EVALUATIONS - 3
+               and r.data.tags["trial_id"] in checkpointed}
     return (finished, running) if finished and running else None
 
 
@@ -246,12 +251,15 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, 
     # in the seconds between the interrupt point and the signal.
     sweep = yaml.safe_load(SMOKE.read_text())
     sweep.update(name=INTERRUPTED, space={"alpha": [0.0, 0.1], "ir": [0.5, 0.75]})
-    sweep["base"]["distill"] = {"iterations": 32, "eval_every": 4}
-    sweep["asha"]["grace_period"] = 8
+    sweep["base"]["distill"] = {"iterations": 4 * EVALUATIONS, "eval_every": 4}
+    sweep["asha"]["grace_period"] = EVALUATIONS
     path = tmp_path / f"{INTERRUPTED}.yaml"
     path.write_text(yaml.safe_dump(sweep))
     log = open(tmp_path / "driver.log", "w")  # a file, not a pipe nobody reads: a full pipe blocks the driver
-    driver = subprocess.Popen(sweep_command(path), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    # Tune saves its state every second, not every 10 s: a trial's checkpoint is in the saved state well
+    # within the evaluations it has left.
+    driver = subprocess.Popen(sweep_command(path), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
     deadline = time.monotonic() + 600
     point = None
     while point is None and time.monotonic() < deadline and driver.poll() is None:
