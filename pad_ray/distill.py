@@ -235,6 +235,12 @@ class Distiller:
                         cfg.evaluate, derive_seed(cfg.seed, "distill-eval", self.iteration), self.device,
                         num_nets=cfg.distill.eval_nets, models=(cfg.model.name,))
 
+    def evaluate_summary(self) -> tuple[float, float]:
+        """Mean validation and test accuracy of `evaluate_now` on the run's own architecture."""
+        scores = self.evaluate_now()
+        name = self.cfg.model.name
+        return Scores.summary(scores.val[name])[0], Scores.summary(scores.test[name])[0]
+
     def record_best(self, val_accuracy: float) -> bool:
         """Keep the synthetic set with the best validation accuracy (never selected on test)."""
         if val_accuracy <= self.best.val:
@@ -291,6 +297,13 @@ def distill(cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], d
     distiller = Distiller(cfg, data, trajectories, device)
     if state is not None:
         distiller.load_state_dict(state)
+    start: dict[str, float] = {}
+    if d.eval_start and distiller.iteration == 0:
+        # Not a report of its own (a sweep's rungs count evaluations of the distillation); its scores
+        # ride on the first report.
+        val, test = distiller.evaluate_summary()
+        distiller.record_best(val)
+        start = {"start_val_accuracy": val, "start_test_accuracy": test}
     bar = tqdm(total=d.iterations, initial=distiller.iteration, desc="distill", disable=not progress)
     steps: list[StepStats] = []
     while distiller.iteration < d.iterations:
@@ -301,15 +314,13 @@ def distill(cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], d
         bar.update(1)
         bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{stats.syn_lr:.4g}")
         if stats.iteration % d.eval_every == 0 or stats.iteration == d.iterations:
-            scores = distiller.evaluate_now()
-            val, _ = Scores.summary(scores.val[cfg.model.name])
-            test, _ = Scores.summary(scores.test[cfg.model.name])
+            val, test = distiller.evaluate_summary()
             distiller.record_best(val)
             metrics = {"iteration": stats.iteration, "loss": stats.loss, "skipped": distiller.skipped,
                        "syn_lr": stats.syn_lr, "val_accuracy": val, "test_accuracy": test,
                        "best_val_accuracy": distiller.best.val, "distill_time_s": distiller.elapsed,
-                       "peak_memory_mb": peak_memory_mb(device), "steps": [asdict(s) for s in steps]}
-            steps = []
+                       "peak_memory_mb": peak_memory_mb(device), "steps": [asdict(s) for s in steps], **start}
+            steps, start = [], {}
             if on_eval is not None:
                 on_eval(distiller, metrics)
     bar.close()

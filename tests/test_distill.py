@@ -133,6 +133,27 @@ def test_distill_resumes_from_its_checkpoint_file(tiny, tmp_path):
     assert resumed.best.iteration in (2, 4)
 
 
+def test_the_starting_set_is_evaluated_and_can_be_the_best(tiny):
+    cfg, data, _, trajectories = tiny
+    start_val, start_test = Distiller(cfg, data, trajectories, CPU).evaluate_summary()  # the iteration-0 seeds
+    reports = []
+    run = distill(cfg, data, trajectories, CPU, progress=False, on_eval=lambda d, m: reports.append(m))
+    # Its scores ride on the first report; the sweep's count of reports is unchanged.
+    assert [r["iteration"] for r in reports] == [2, 4]
+    assert (reports[0]["start_val_accuracy"], reports[0]["start_test_accuracy"]) == (start_val, start_test)
+    assert "start_val_accuracy" not in reports[1]
+    assert run.best.val == max(start_val, *(r["val_accuracy"] for r in reports))
+    assert reports[0]["best_val_accuracy"] >= start_val
+
+    untouched = distill(tiny_config(distill={"iterations": 0}), data, trajectories, CPU, progress=False)
+    assert (untouched.best.iteration, untouched.best.val) == (0, start_val)
+    torch.testing.assert_close(untouched.best_synthetic().images, untouched.images.detach(), rtol=0, atol=0)
+
+    skipped = distill(tiny_config(distill={"eval_start": False}), data, trajectories, CPU, progress=False,
+                      on_eval=lambda d, m: reports.append(m))
+    assert "start_val_accuracy" not in reports[2] and skipped.best.iteration in (2, 4)
+
+
 def test_the_best_set_survives_a_checkpoint(tiny, tmp_path):
     cfg, data, _, trajectories = tiny
     first = Distiller(cfg, data, trajectories, CPU)
