@@ -318,7 +318,8 @@ def distill(cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], d
             distiller.record_best(val)
             metrics = {"iteration": stats.iteration, "loss": stats.loss, "skipped": distiller.skipped,
                        "syn_lr": stats.syn_lr, "val_accuracy": val, "test_accuracy": test,
-                       "best_val_accuracy": distiller.best.val, "distill_time_s": distiller.elapsed,
+                       "best_val_accuracy": distiller.best.val, "best_iteration": distiller.best.iteration,
+                       "distill_time_s": distiller.elapsed,
                        "peak_memory_mb": peak_memory_mb(device), "steps": [asdict(s) for s in steps], **start}
             steps, start = [], {}
             if on_eval is not None:

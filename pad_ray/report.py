@@ -58,6 +58,7 @@ def results_table(results, sweep: SweepConfig, partial: bool = False) -> pd.Data
             **pad,
             **{key: params.get(key) for key in sweep.trial_keys},
             SCORE: metrics.get(SCORE),
+            "best_iteration": metrics.get("best_iteration"),  # 0: no distilled set beat the starting set
             "final_test_accuracy": metrics.get("final_test_accuracy"),
             "final_test_std": metrics.get("final_test_std"),
             **{key: metrics.get(key) for key in per_architecture},

@@ -144,6 +144,7 @@ def test_the_starting_set_is_evaluated_and_can_be_the_best(tiny):
     assert "start_val_accuracy" not in reports[1]
     assert run.best.val == max(start_val, *(r["val_accuracy"] for r in reports))
     assert reports[0]["best_val_accuracy"] >= start_val
+    assert reports[-1]["best_iteration"] == run.best.iteration  # 0 when no later set beat the start
 
     untouched = distill(tiny_config(distill={"iterations": 0}), data, trajectories, CPU, progress=False)
     assert (untouched.best.iteration, untouched.best.val) == (0, start_val)

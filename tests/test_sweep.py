@@ -132,6 +132,8 @@ def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(sweep_home, ray_
     assert float(top["best_val_accuracy"]) == max(float(r["best_val_accuracy"]) for r in same_ipc)
     (best_run,) = [r for r in trials if r.data.params["alpha"] == top["alpha"] and r.data.params["ir"] == top["ir"]]
     assert best_run.data.metrics["best_val_accuracy"] == pytest.approx(float(top["best_val_accuracy"]))
+    assert best_run.data.metrics["best_iteration"] == float(top["best_iteration"])  # 0 if the start won
+    assert "start_val_accuracy" in best_run.data.metrics  # the starting set's score, on the first report
     trial_config_yaml = yaml.safe_load(Path(client.download_artifacts(best_run.info.run_id, "config.yaml")).read_text())
     best = yaml.safe_load((out / "best_config.yaml").read_text())
     assert best == trial_config_yaml  # what the trial itself ran with, paths included
