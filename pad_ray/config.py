@@ -129,7 +129,7 @@ class DistillConfig(Section):
     eval_every: int = Field(500, ge=1)
     eval_nets: int = Field(1, ge=1)  # nets per evaluation during distillation (DATM uses 1)
     # Also evaluate the starting set (iteration 0), so that the best set on validation can be the start: the
-    # released code's skip_first_eva False, its default, which its CIFAR-10 IPC 50-1000 configs keep.
+    # released code's skip_first_eva False, its default, which six of its twelve configs keep.
     eval_start: bool = True
     pix_init: Literal["correct", "real", "noise"] = "correct"
     # pad_ray.matching.GRADIENT_PATHS; auto keeps as many trailing steps' graphs as memory_budget_gb holds.

@@ -212,8 +212,8 @@ EVALUATIONS = 8  # of each of its trials
 
 def _checkpointed_trials(home: Path) -> set[str]:
     """Trials whose last saved result in Tune's experiment state came with a checkpoint: what a killed
-    driver can resume them from. Tune saves that state every 10 s or every num_to_keep checkpoints, so
-    MLflow (logged as each result arrives) may be ahead of it."""
+    driver can resume them from. Tune saves that state every TUNE_GLOBAL_CHECKPOINT_S (1 s in this test) or
+    every num_to_keep checkpoints, so MLflow (logged as each result arrives) may be ahead of it."""
     states = sorted((home / "sweeps" / INTERRUPTED).glob("experiment_state-*.json"))
     try:
         state = json.loads(states[-1].read_text()) if states else {"trial_data": []}
