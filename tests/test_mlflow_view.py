@@ -1,6 +1,6 @@
 """What a researcher sees of a sweep in MLflow: a real `mlflow server` started here, the smoke sweep
-logged to it over HTTP, read back through the server's REST API and shown by its UI in headless
-Chromium."""
+submitted as a Ray job (`ray job submit`, as the README says) and logged to it over HTTP, read back
+through the server's REST API and shown by its UI in headless Chromium."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import free_ports, start_mlflow_server, wait_for
+from mlflow.tracking import MlflowClient
+
+from conftest import RAY_BIN, free_ports, start_mlflow_server, wait_for
 from pad_ray.distilled import FILE_NAME
+from pad_ray.sweep_config import load_sweep
+from test_sweep import SMOKE, assert_runs_match_their_trials, tune_trials
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -53,11 +56,26 @@ def mlflow_server(sweep_home):
     server.wait(timeout=60)
 
 
-def test_a_sweep_in_mlflow_reads_without_opening_each_run(sweep_home, warm_store, ray_cluster, mlflow_server):
-    sweep = subprocess.run([sys.executable, "-m", "pad_ray.sweep", str(REPO / "sweeps" / "smoke.yaml"),
-                            "--set", "space.alpha=[0.1]", "--set", f"mlflow.tracking_uri={mlflow_server}"],
-                           cwd=REPO, capture_output=True, text=True, timeout=1500)
-    assert sweep.returncode == 0, sweep.stderr[-3000:]
+def test_a_submitted_sweep_in_mlflow_reads_without_opening_each_run(sweep_home, warm_store,
+                                                                   ray_cluster_with_dashboard, mlflow_server):
+    """`ray job submit --working-dir .` against a local head: the copied working dir changes nothing, the job
+    reads PAD_RAY_HOME and PAD_RAY_DATA from the environment of `ray start`, and logs to the server."""
+    assert ray_cluster_with_dashboard.env["PAD_RAY_HOME"] == str(sweep_home)  # set before the head started
+    # One alpha: two trials, one per expert set, are enough to show where a job reads and writes.
+    job = subprocess.run([RAY_BIN, "job", "submit", "--working-dir", ".", "--", "python", "-m", "pad_ray.sweep",
+                          "sweeps/smoke.yaml", "--set", "space.alpha=[0.1]",
+                          "--set", f"mlflow.tracking_uri={mlflow_server}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=1500)
+    output = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in output, output[-3000:]
+    # Tune's folders are where PAD_RAY_HOME says, not inside the copied working dir, and every child run
+    # holds its own trial's values and read its own IR's expert set from the store there.
+    tune = tune_trials(sweep_home, "smoke")
+    client = MlflowClient(mlflow_server)
+    logged = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert_runs_match_their_trials(client, [r for r in logged if "trial_id" in r.data.tags], tune,
+                                   load_sweep(SMOKE, {"space": {"alpha": [0.1]}}))
+    assert {r.data.params["ir"] for r in logged if "trial_id" in r.data.tags} == {"0.5", "0.75"}
 
     experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="smoke")["experiment"]
     # A model-training experiment: MLflow 3 opens it on its runs, not on the GenAI overview.
@@ -106,7 +124,7 @@ def test_a_sweep_in_mlflow_reads_without_opening_each_run(sweep_home, warm_store
     # What a person sees, in headless Chromium: the link the sweep prints opens the runs (not "Traces 0"),
     # and each trial's page shows its name, its swept values and its accuracy.
     link = f"{mlflow_server}/#/experiments/{experiment['experiment_id']}?workflowType=machine_learning"
-    assert f"MLflow: {link}" in sweep.stderr
+    assert f"MLflow: {link}" in output
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("the UI half needs Debian's chromium and chromium-driver (.ci/run installs them)")
     with browser() as chromium:
