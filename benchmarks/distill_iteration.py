@@ -28,8 +28,10 @@ memory in the heap, as `Distiller` does on the CPU, so each path is measured as 
 
 The reference: for every row the harness in ../shared/tools/reference-pad-step/ has a configuration for,
 it runs in its own child process in this invocation (the authors' code from --pad-root, default
-$PAD_ROOT, else the harness's own default), as does its plain forward+backward; rows are compared
-only with reference figures from the same invocation. Where the authors' code cannot run, the
+$PAD_ROOT, else the harness's own default), as does its plain forward+backward; a row it has none for
+(N 80, which does not fit its memory) is compared with its time extrapolated linearly in N from the two
+largest N it has at the same IPC and batch, run in this invocation for that. Rows are compared only
+with reference figures from the same invocation. Where the authors' code cannot run, the
 reason is recorded and no ratio is given.
 """
 
@@ -268,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     if not meta["reference_unavailable"]:
         meta["reference_plain"] = run_reference(REFERENCE_PLAIN, args, 0)
     for ipc, batch, steps, repeats in rows_spec:
-        if not meta["reference_unavailable"] and _reference_name(ipc, batch, steps) in _harness_configs():
-            refs[(ipc, batch, steps)] = run_reference(_reference_name(ipc, batch, steps), args, repeats)
-            print(f"reference ipc {ipc} N {steps}: " + (refs[(ipc, batch, steps)].get("error") or
-                  f"{refs[(ipc, batch, steps)]['median_s']:.3f} s/iter"), flush=True)
+        for ref_steps in ([] if meta["reference_unavailable"] else _reference_steps(ipc, batch, steps)):
+            if (ipc, batch, ref_steps) not in refs:
+                refs[(ipc, batch, ref_steps)] = run_reference(_reference_name(ipc, batch, ref_steps), args, repeats)
+                print(f"reference ipc {ipc} N {ref_steps}: " + (refs[(ipc, batch, ref_steps)].get("error") or
+                      f"{refs[(ipc, batch, ref_steps)]['median_s']:.3f} s/iter"), flush=True)
         for label, gradient, budget in paths:
             payload = {**model, "allocator": args.allocator, "label": label, "path": gradient, "ipc": ipc,
                        "batch": batch, "steps": steps, "repeats": repeats,
@@ -341,6 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     out = common.write_results(name, args.quick, meta, sorted(results, key=_order), summary)
     print(f"\nwrote {out}")
     return 0
+
+
+def _reference_steps(ipc: int, batch: int, steps: int) -> list[int]:
+    """The N of the harness configurations a row is compared with: its own, or, where the harness has none
+    (N 80 does not fit its memory), the two largest N of the same IPC and batch to extrapolate from."""
+    if _reference_name(ipc, batch, steps) in _harness_configs():
+        return [steps]
+    prefix = _reference_name(ipc, batch, 0)[:-1]
+    return sorted(int(name[len(prefix):]) for name in _harness_configs() if name.startswith(prefix))[-2:]
 
 
 def _harness_configs() -> set[str]:
