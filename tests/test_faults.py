@@ -112,6 +112,25 @@ def _steps_once(client, run_id: str, key: str) -> list[int]:
     return sorted(steps)
 
 
+def _without_ray_actor_exit_noise(output: str) -> str:
+    """The output less what a finished trial's actor may print when Ray stops it: the SIGTERM lands while
+    the interpreter runs a weakref callback, and the SystemExit of Ray's handler is reported as "Exception
+    ignored in ...". Ray's message, not pad_ray's; every other traceback stays."""
+    lines, kept, i = output.splitlines(keepends=True), [], 0
+    while i < len(lines):
+        prefix, found, _ = lines[i].partition("Exception ignored in: <function WeakSet")
+        if found:
+            last = f"{prefix}SystemExit: 1"
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].rstrip("\n") == last), None)
+            if end is not None and all(line.startswith(prefix) for line in lines[i:end + 1]) and any(
+                    "in sigterm_handler" in line for line in lines[i:end]):
+                i = end + 1
+                continue
+        kept.append(lines[i])
+        i += 1
+    return "".join(kept)
+
+
 def test_mlflow_down_until_the_sweep_ends_then_a_rerun_logs_what_was_held(sweep_home, warm_store, ray_cluster,
                                                                            tmp_path):
     (port,) = free_ports(1)
@@ -130,7 +149,7 @@ def test_mlflow_down_until_the_sweep_ends_then_a_rerun_logs_what_was_held(sweep_
         log.close()
         server.kill() if server.poll() is None else None
     output = (tmp_path / "driver.log").read_text()
-    assert "Traceback" not in output
+    assert "Traceback" not in _without_ray_actor_exit_noise(output)
     (said,) = [line for line in output.splitlines() if "still unreachable" in line]  # one line says so
     assert said.startswith(f"pad_ray.sweep: error: MLflow at http://127.0.0.1:{port} is still unreachable; ")
     assert "of 2 trials" in said and str(held) in said and "rerun the same command" in said
