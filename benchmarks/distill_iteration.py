@@ -349,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
 def _reference_steps(ipc: int, batch: int, steps: int) -> list[int]:
     """The N of the harness configurations a row is compared with: its own, or, where the harness has none
     (N 80 does not fit its memory), the two largest N of the same IPC and batch to extrapolate from."""
-    if _reference_name(ipc, batch, steps) in _harness_configs():
+    configs = _harness_configs()
+    if _reference_name(ipc, batch, steps) in configs:
         return [steps]
     prefix = _reference_name(ipc, batch, 0)[:-1]
-    return sorted(int(name[len(prefix):]) for name in _harness_configs() if name.startswith(prefix))[-2:]
+    return sorted(int(name[len(prefix):]) for name in configs if name.startswith(prefix))[-2:]
 
 
 def _harness_configs() -> set[str]:

@@ -72,10 +72,10 @@ def test_a_submitted_sweep_in_mlflow_reads_without_opening_each_run(sweep_home, 
     # holds its own trial's values and read its own IR's expert set from the store there.
     tune = tune_trials(sweep_home, "smoke")
     client = MlflowClient(mlflow_server)
-    logged = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-    assert_runs_match_their_trials(client, [r for r in logged if "trial_id" in r.data.tags], tune,
-                                   load_sweep(SMOKE, {"space": {"alpha": [0.1]}}))
-    assert {r.data.params["ir"] for r in logged if "trial_id" in r.data.tags} == {"0.5", "0.75"}
+    logged = [r for r in client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+              if "trial_id" in r.data.tags]
+    assert_runs_match_their_trials(client, logged, tune, load_sweep(SMOKE, {"space": {"alpha": [0.1]}}))
+    assert {r.data.params["ir"] for r in logged} == {"0.5", "0.75"}
 
     experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="smoke")["experiment"]
     # A model-training experiment: MLflow 3 opens it on its runs, not on the GenAI overview.
