@@ -11,7 +11,13 @@ MLflow run start (Tune started the trial), the trial function's start (first res
 minus its `time_total_s`, from Tune's result.json) and the first `tune.report` (first metric in
 MLflow, logged by the driver's callback when the result arrives).
 
-Part 2: the cost of logging one reported result, `MlflowSweepCallback.on_trial_result` (batched
+Part 2: the smoke sweep's whole space (8 trials, two at a time, ASHA stopping most early) with the
+experts cached, run with Tune's `reuse_actors` off and on, alternately: a finished trial's actor taking
+the next trial saves a process start and torch's import per trial. Rows: the command's wall time, the
+span from the first trial's MLflow run start to the last one's end, and the results table, which must
+be the same both ways.
+
+Part 3: the cost of logging one reported result, `MlflowSweepCallback.on_trial_result` (batched
 `log_batch`) vs one `log_metric` call per value, into a sqlite store, for results carrying the
 per-iteration statistics of 4, 100 and 500 iterations (smoke, mnist and the paper presets).
 """
@@ -34,16 +40,18 @@ NAME = "sweep_overhead"
 DATA = common.REPO.parent / "shared" / "data"
 
 
-def _sweep_yaml(folder: Path, name: str, quick: bool) -> Path:
+def _sweep_yaml(folder: Path, name: str, quick: bool, whole_space: bool = False, **top) -> Path:
+    """sweeps/smoke.yaml as `name`: one trial of 8 iterations, or (`whole_space`) its own space and length."""
     import yaml
 
     sweep = yaml.safe_load((common.REPO / "sweeps" / "smoke.yaml").read_text())
-    sweep["name"] = name
-    sweep["base"]["distill"] = {"iterations": 8, "eval_every": 4}
+    sweep.update(name=name, **top)
+    if not whole_space:
+        sweep["base"]["distill"] = {"iterations": 8, "eval_every": 4}
+        sweep["space"] = {"alpha": [0.1], "ir": [0.5]}
     if quick:
         sweep["base"]["distill"] = {"iterations": 2, "eval_every": 2}
         sweep["base"]["evaluate"] = {"epochs": 10, "num_nets": 1}
-    sweep["space"] = {"alpha": [0.1], "ir": [0.5]}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     return path
@@ -87,7 +95,45 @@ def _phases(name: str, home: Path, began: float) -> dict:
     return out
 
 
-def sweep_part(quick: bool, timed_runs: int) -> list[dict]:
+def _trial_span(name: str, home: Path) -> tuple[int, float]:
+    """(trials, seconds from the first trial run's start to the last one's end) in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    trials = [r for r in runs if "trial_id" in r.data.tags]
+    return len(trials), (max(r.info.end_time for r in trials) - min(r.info.start_time for r in trials)) / 1e3
+
+
+def reuse_part(quick: bool, pairs: int, folder: Path, home: Path) -> list[dict]:
+    """The whole smoke space with reuse_actors off and on, alternately, on the experts in `home`'s store."""
+    import csv
+
+    rows = []
+    for k in range(pairs):
+        for reuse in (False, True):
+            name = f"reuse_{str(reuse).lower()}_{k}"
+            log = folder / f"{name}.log"
+            run = _run_sweep(_sweep_yaml(folder, name, quick, whole_space=True, reuse_actors=reuse), home, log)
+            row = {"reuse_actors": reuse, "pair": k, "returncode": run["returncode"],
+                   "total_s": run["ended"] - run["began"]}
+            if run["returncode"] == 0:
+                row["trials"], row["trials_span_s"] = _trial_span(name, home)
+                with open(home / "sweeps" / name / "results.csv") as table:
+                    row["results"] = sorted((r["alpha"], r["ir"], r["best_val_accuracy"], r["iterations"])
+                                            for r in csv.DictReader(table))
+            else:
+                row["log_tail"] = log.read_text().splitlines()[-20:]
+            rows.append(row)
+            print(name, {key: (round(v, 2) if isinstance(v, float) else v) for key, v in row.items()
+                         if key not in ("results", "log_tail")}, flush=True)
+    results = {repr(r.get("results")) for r in rows}
+    for row in rows:
+        row["same_results_every_run"] = len(results) == 1
+    return rows
+
+
+def sweep_part(quick: bool, timed_runs: int, reuse_pairs: int) -> tuple[list[dict], list[dict]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -113,7 +159,8 @@ def sweep_part(quick: bool, timed_runs: int) -> list[dict]:
                 print("   ", line, flush=True)
             print(row["run"], {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
                                if k not in ("log_tail",)}, flush=True)
-    return rows
+        reuse_rows = reuse_part(quick, reuse_pairs, folder, home)
+    return rows, reuse_rows
 
 
 class _Trial:
@@ -194,12 +241,14 @@ def logging_part(quick: bool) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = common.parse_args(__doc__.splitlines()[0])
     parser.add_argument("--timed-runs", type=int, default=2, help="sweep invocations with experts cached")
+    parser.add_argument("--reuse-pairs", type=int, default=2, help="whole-space runs with reuse_actors off, then on")
     parser.add_argument("--skip-sweep", action="store_true")
     args = parser.parse_args(argv)
     meta = common.machine()
     print(f"# {NAME} on {meta['cpu']} ({meta['usable_cores']} cores), load {meta['load_average_at_start']}",
           flush=True)
-    sweep_rows = [] if args.skip_sweep else sweep_part(args.quick, args.timed_runs)
+    sweep_rows, reuse_rows = ([], []) if args.skip_sweep else sweep_part(args.quick, args.timed_runs,
+                                                                          args.reuse_pairs)
     log_rows = logging_part(args.quick)
     warm = [r for r in sweep_rows if r["store"] == "experts cached" and r.get("trial_run_start_s") is not None]
     summary = {}
@@ -210,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         summary["start_to_first_report_s"] = common.median([r["first_report_s"] for r in warm
                                                             if r.get("first_report_s") is not None])
         summary["start_to_parent_run_s"] = common.median([r["parent_run_start_s"] for r in warm])
+    for reuse in (False, True):
+        timed = [r for r in reuse_rows if r["reuse_actors"] == reuse and r["returncode"] == 0]
+        if timed:
+            summary[f"whole_space_total_s_reuse_{str(reuse).lower()}"] = common.median([r["total_s"] for r in timed])
+            summary[f"whole_space_trials_span_s_reuse_{str(reuse).lower()}"] = common.median(
+                [r["trials_span_s"] for r in timed])
+    if reuse_rows:
+        summary["same_results_with_and_without_reuse"] = reuse_rows[0]["same_results_every_run"]
     summary["logging_ms_per_report"] = {r["iterations_per_result"]: round(r["batched_ms"], 2) for r in log_rows}
     print()
     print(common.table(sweep_rows, [("run", "run"), ("store", "store"), ("import_pad_ray_sweep_s", "import s"),
@@ -219,13 +276,18 @@ def main(argv: list[str] | None = None) -> int:
                                     ("first_report_s", "first report s"), ("total_s", "total s"),
                                     ("returncode", "rc")]))
     print()
+    print(common.table(reuse_rows, [("reuse_actors", "reuse_actors"), ("pair", "pair"), ("trials", "trials"),
+                                    ("trials_span_s", "first trial start to last end s"), ("total_s", "total s"),
+                                    ("same_results_every_run", "same results"), ("returncode", "rc")]))
+    print()
     print(common.table(log_rows, [("iterations_per_result", "iterations/result"),
                                   ("metrics_per_result", "metrics/result"), ("batched_ms", "log_batch ms"),
                                   ("per_metric_ms", "per-metric ms"), ("speedup", "speed-up")]))
     print()
     for key, value in summary.items():
         print(f"{key}: {value if isinstance(value, dict) else common.fmt(value)}")
-    rows = [{"part": "sweep", **r} for r in sweep_rows] + [{"part": "logging", **r} for r in log_rows]
+    rows = ([{"part": "sweep", **r} for r in sweep_rows] + [{"part": "reuse_actors", **r} for r in reuse_rows]
+            + [{"part": "logging", **r} for r in log_rows])
     print(f"\nwrote {common.write_results(NAME, args.quick, meta, rows, summary)}")
     return 0
 

@@ -18,8 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from pad_ray import files
-from pad_ray.config import ConfigError
+from pad_ray.config import ConfigError, describe_errors
 from pad_ray.sweep_config import SweepConfig
 
 RECORD = "pad_ray_sweep.json"
@@ -68,9 +70,16 @@ def plan(sweep: SweepConfig, folder: str, rerun: Rerun, restorable: bool) -> Pla
             return Plan(sweep, None, None)
         raise ConfigError(f"sweep {sweep.name!r} in {folder} has no record of the sweep it was started from; "
                           "pass --resume to continue it or --fresh to start a new sweep")
-    if record["fingerprint"] == fingerprint(sweep):
+    # Read with this version's defaults: a key added to the schema since the record was written, which
+    # the user never set, is not an edit.
+    try:
+        recorded = SweepConfig.model_validate(record["sweep"])
+    except ValidationError as exc:
+        raise ConfigError(f"sweep {sweep.name!r} in {folder} was started by a pad_ray whose sweep schema differs "
+                          f"({describe_errors(exc, SweepConfig)[0]}); pass --fresh to start a new sweep") from None
+    if fingerprint(recorded) == fingerprint(sweep):
         return Plan(sweep, record["parent_run_id"], None)
-    changed = changed_keys(record["sweep"], sweep.model_dump(mode="json"))
+    changed = changed_keys(recorded.model_dump(mode="json"), sweep.model_dump(mode="json"))
     shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
     if rerun != "resume":
         raise ConfigError(f"sweep {sweep.name!r} in {folder} was started from a different sweep (changed: {shown}); "
@@ -78,7 +87,7 @@ def plan(sweep: SweepConfig, folder: str, rerun: Rerun, restorable: bool) -> Pla
                           "(the old folder is moved aside)")
     print(f"pad_ray.sweep: --resume: continuing sweep {sweep.name!r} as it was started; ignoring the changes "
           f"to {shown}", file=sys.stderr)
-    return Plan(SweepConfig.model_validate(record["sweep"]), record["parent_run_id"], None)
+    return Plan(recorded, record["parent_run_id"], None)
 
 
 def move_aside(folder: str) -> str:

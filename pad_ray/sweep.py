@@ -158,6 +158,9 @@ def _tune_samples(sweep: SweepConfig) -> int:
 
 
 def _search_alg(sweep: SweepConfig, seed: int):
+    """Tune's search algorithm for the sweep, holding its concurrency limit: TuneConfig's
+    max_concurrent_trials is ignored (with a warning) once a search algorithm is given."""
+    limit = sweep.max_concurrent_trials  # 0: as many as the cluster fits
     if sweep.search.kind == "optuna":
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
@@ -165,10 +168,10 @@ def _search_alg(sweep: SweepConfig, seed: int):
         # Tune saves the searcher's state (the study, TPE's random state) with the experiment and
         # `Tuner.restore` loads it, so a resumed sweep goes on with the same study.
         return ConcurrencyLimiter(OptunaSearch(metric=sweep.asha.metric, mode=sweep.asha.mode, seed=seed),
-                                  max_concurrent=sweep.search.concurrency)
+                                  max_concurrent=min(sweep.search.concurrency, limit or sweep.search.concurrency))
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=limit)
 
 
 @dataclass
@@ -247,8 +250,8 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
                 scheduler=GroupedASHA(sweep.group_by, max_t, metric=sweep.asha.metric, mode=sweep.asha.mode,
                                       grace_period=sweep.asha.grace_period,
                                       reduction_factor=sweep.asha.reduction_factor),
-                num_samples=_tune_samples(sweep), max_concurrent_trials=sweep.max_concurrent_trials or None,
-                search_alg=_search_alg(sweep, seed)),
+                num_samples=_tune_samples(sweep), search_alg=_search_alg(sweep, seed),
+                reuse_actors=sweep.reuse_actors),
             run_config=tune.RunConfig(
                 name=sweep.name, storage_path=sweep.storage_path, callbacks=[callback],
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),

@@ -97,6 +97,9 @@ class SweepConfig(Section):
     max_concurrent_trials: int = Field(0, ge=0)  # 0: as many as the cluster fits
     num_samples: int = Field(1, ge=1)
     max_failures: int = Field(1, ge=0)  # retries of a crashed trial, from its last checkpoint
+    # A finished trial's actor takes the next trial (same resources): no process start and no import of
+    # torch per trial, which is most of a short trial's time (BENCHMARKS.md, section 4).
+    reuse_actors: bool = True
     storage_path: str = "runs/sweeps"
     mlflow: MlflowConfig = MlflowConfig()
 

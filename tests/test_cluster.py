@@ -602,10 +602,11 @@ def test_gpu_workers_scale_up_for_a_submitted_sweep_and_back_down(tmp_path, mnis
                                 capture_output=True, text=True, timeout=120, env=env)
         assert placed.returncode == 0, placed.stderr[-3000:]
         placements = json.loads(placed.stdout.strip().splitlines()[-1])
-        # Ray names function trainables `ImplicitFunc` or `wrap_function.<locals>.ImplicitFunc`.
+        # Ray names function trainables `ImplicitFunc` or `wrap_function.<locals>.ImplicitFunc`. Trials reuse
+        # actors (reuse_actors), so each actor ran one or more of the 4 trials: all of them on GPU nodes.
         trials = [a for a in placements["actors"] if a["class_name"].endswith("ImplicitFunc")]
         train_workers = [a for a in placements["actors"] if a["class_name"].endswith("RayTrainWorker")]
-        assert len(trials) >= 4 and len(train_workers) >= 2 and placements["tasks"], placements
+        assert trials and len(train_workers) >= 2 and placements["tasks"], placements
         assert {p["node_id"] for p in trials + train_workers + placements["tasks"]} <= workers
 
         # Scale-down: idle GPU nodes go away after the idle timeout.

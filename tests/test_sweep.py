@@ -189,6 +189,7 @@ def _nan_sweep(tmp_path: Path) -> Path:
     sweep["name"] = "nan"
     sweep["space"] = {"alpha": [0.1], "distill.lr_img": [100, 1e30]}  # 1e30 blows the images up
     sweep["asha"]["grace_period"] = 5
+    sweep["max_concurrent_trials"] = 1  # two would fit on the test cluster's 2 CPUs
     path = tmp_path / "nan.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return path
@@ -203,6 +204,9 @@ def test_diverging_trial_fails_with_its_reason_while_the_others_finish(sweep_hom
     assert by_lr["1e+30"].info.status == "FAILED"
     assert "DivergenceError: matching loss is nan" in by_lr["1e+30"].data.tags["failure_reason"]
     assert by_lr["100"].info.status == "FINISHED" and "final_test_accuracy" in by_lr["100"].data.metrics
+    # max_concurrent_trials 1 holds for a grid search too: one trial ended before the other began.
+    first, second = sorted(trials, key=lambda r: r.info.start_time)
+    assert first.info.end_time <= second.info.start_time
     assert_runs_match_their_trials(client, trials, tune_trials(sweep_home, "nan"), load_sweep(_nan_sweep(tmp_path)))
 
 
