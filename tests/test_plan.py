@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,51 +118,6 @@ def test_model_predicts_the_larger_iterations_it_was_not_fitted_to():
     for row in rows:
         estimate = plan.trial_memory(cifar10(row["ipc"], row["steps"], row["batch"]), model, row["path"])
         assert abs(estimate / row["peak_bytes"] - 1) <= 0.25, (row["path"], row["ipc"], row["steps"], estimate)
-
-
-# -- the dry run against a real run --------------------------------------------------------------------
-
-def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
-
-
-def test_dry_run_lists_what_the_real_sweep_then_trains_and_writes_nothing(sweep_home, warm_store, ray_cluster,
-                                                                         tmp_path):
-    raw = yaml.safe_load(SMOKE.read_text())
-    # IR 0.5 is in the warm store, IR 0.6 is not: one cached expert set and one to train.
-    raw["space"] = {"alpha": [0.0, 0.2], "ir": [0.5, 0.6]}
-    raw["base"]["distill"] = {"iterations": 8, "eval_every": 4}
-    raw["name"] = "partly_warm"
-    sweep_file = tmp_path / "partly_warm.yaml"
-    sweep_file.write_text(yaml.safe_dump(raw))
-    before = _snapshot(sweep_home)
-    experts_before = {p.name for p in (warm_store / "experts").iterdir()}
-    difficulty_before = {p.name for p in (warm_store / "difficulty").iterdir()}
-
-    # A dead Ray address: the dry run fails if it so much as tries to start or join Ray.
-    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
-    dry = subprocess.run([sys.executable, "-m", "pad_ray.sweep", str(sweep_file), "--dry-run"], capture_output=True,
-                         text=True, timeout=600, cwd=REPO, env=env)
-    assert dry.returncode == 0, dry.stderr[-3000:]
-    assert _snapshot(sweep_home) == before  # no store, Tune dir or MLflow database written
-    assert not (sweep_home / "sweeps").exists() and not (sweep_home / "mlflow.db").exists()
-    listed = dict(re.findall(r"^  ([0-9a-f]{20}) .*?: (cached|to train)", dry.stdout, re.MULTILINE))
-    to_train = {key for key, state in listed.items() if state == "to train"}
-    cached = {key for key, state in listed.items() if state == "cached"}
-    assert len(to_train) == 1 and len(cached) == 1, dry.stdout
-    assert cached <= experts_before and not to_train & experts_before
-    assert "EL2N" not in dry.stdout  # both sets share the warm store's difficulty order
-    (trials,) = re.findall(r"^trials: (\d+) ", dry.stdout, re.MULTILINE)
-
-    run = subprocess.run([sys.executable, "-m", "pad_ray.sweep", str(sweep_file)], capture_output=True, text=True,
-                         timeout=900, cwd=REPO)
-    assert run.returncode == 0, run.stderr[-3000:]
-    experts_after = {p.name for p in (warm_store / "experts").iterdir()}
-    assert experts_after - experts_before == to_train
-    assert {p.name for p in (warm_store / "difficulty").iterdir()} == difficulty_before
-    results = (sweep_home / "sweeps" / "partly_warm" / "results.csv").read_text().splitlines()
-    assert len(results) - 1 == int(trials) == 4
-
 
 
 @pytest.mark.parametrize(("override", "expected"), [

@@ -322,13 +322,13 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, 
         assert all(r["iteration"] == 4 * r["training_iteration"] for r in restored)
 
 
-def _snapshot(folder: Path) -> dict[str, int]:
-    """Every file under a folder, by path, with its modification time."""
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under a folder, by path, with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
 
-def test_edited_rerun_is_refused_before_any_work_unless_resume_or_fresh(sweep_home, warm_store, smoke_store,
-                                                                         ray_cluster, tmp_path):
+def test_edited_rerun_is_refused_before_any_work_unless_resume_or_fresh(sweep_home, warm_store, ray_cluster,
+                                                                         tmp_path):
     home = sweep_home
     sweep = yaml.safe_load(SMOKE.read_text())
     sweep.update(name="rerun", space={"alpha": [0.1], "ir": [0.5]})
@@ -363,9 +363,30 @@ def test_edited_rerun_is_refused_before_any_work_unless_resume_or_fresh(sweep_ho
     _, trials, parents = children(home, "rerun")
     assert len(trials) == 1 and len(parents) == 1 and parents[0].info.status == "FINISHED"
 
-    shutil.copytree(Path(TrajectoryStore(smoke_store, cfg).dir), experts_075)  # the new sweep trains nothing
+    # Before the new sweep starts, its dry run: IR 0.5's experts cached, IR 0.75's to train, no EL2N (both
+    # share the store's difficulty order), and nothing written. A dead Ray address fails the dry run if it
+    # so much as tries to start or join Ray.
+    store = home / "store"
+    experts_before = {p.name for p in (store / "experts").iterdir()}
+    difficulty_before = {p.name for p in (store / "difficulty").iterdir()}
+    before = _snapshot(home)
+    dry = subprocess.run(sweep_command(path) + ["--fresh", "--dry-run"], capture_output=True, text=True, timeout=600,
+                         cwd=REPO, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert _snapshot(home) == before  # no store, Tune folder or MLflow database written, nothing moved aside
+    listed = dict(re.findall(r"^  ([0-9a-f]{20}) .*?: (cached|to train)", dry.stdout, re.MULTILINE))
+    to_train = {key for key, state in listed.items() if state == "to train"}
+    cached = {key for key, state in listed.items() if state == "cached"}
+    assert to_train == {experts_075.name} and len(cached) == 1 and cached <= experts_before, dry.stdout
+    assert "EL2N" not in dry.stdout
+    (planned,) = re.findall(r"^trials: (\d+) ", dry.stdout, re.MULTILINE)
+
     fresh = subprocess.run(sweep_command(path) + ["--fresh"], capture_output=True, text=True, timeout=900, cwd=REPO)
     assert fresh.returncode == 0, fresh.stderr[-3000:]
+    # It trained what the dry run said, and only that.
+    assert {p.name for p in (store / "experts").iterdir()} - experts_before == to_train
+    assert {p.name for p in (store / "difficulty").iterdir()} == difficulty_before
+    assert len((home / "sweeps" / "rerun" / "results.csv").read_text().splitlines()) - 1 == int(planned) == 2
     (old,) = (home / "sweeps").glob("rerun.replaced-*")
     assert f"--fresh: moved the earlier sweep to {old}" in fresh.stderr
     # Nothing of the old sweep is lost: its trial and its results moved along.
