@@ -6,27 +6,22 @@ from pathlib import Path
 
 import pytest
 
-from pad_ray import rerun
+from pad_ray import files, rerun
 from pad_ray.config import ConfigError
 from pad_ray.sweep_config import load_sweep
-
-SMOKE = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
+from test_sweep import SMOKE
 
 
 @pytest.fixture
-def started(tmp_path, monkeypatch, mnist_root):
-    """The smoke sweep as its first start recorded it, in a folder of its own."""
-    monkeypatch.setenv("PAD_RAY_HOME", str(tmp_path))
-    monkeypatch.setenv("PAD_RAY_DATA", str(mnist_root))
+def started(sweep_home):
+    """The smoke sweep as its first start recorded it, in its folder under PAD_RAY_HOME."""
     sweep = load_sweep(SMOKE)
-    folder = tmp_path / "sweeps" / sweep.name
+    folder = sweep_home / "sweeps" / sweep.name
     rerun.write_record(str(folder), sweep, "parent-1")
     return sweep, folder
 
 
 def _rewrite_record(folder: Path, edit) -> None:
-    from pad_ray import files
-
     record = files.read_json(f"{folder}/{rerun.RECORD}")
     edit(record["sweep"])
     files.write_json(f"{folder}/{rerun.RECORD}", record)

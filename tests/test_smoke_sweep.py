@@ -23,10 +23,9 @@ import yaml
 from conftest import RAY_BIN, _ray_cluster, free_ports, start_mlflow_server, train_without_pad_ray, wait_for
 from pad_ray.distilled import FILE_NAME
 from pad_ray.sweep_config import load_sweep
-from test_sweep import SMOKE, assert_each_step_once, assert_runs_match_their_trials, children, store_checksums, \
-    tune_trials
+from test_sweep import (REPO, SMOKE, assert_each_step_once, assert_runs_match_their_trials, children,
+                        store_checksums, tune_trials)
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
@@ -90,7 +89,8 @@ def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(smoke_job, smoke
         assert run.data.params["config.distill.syn_steps"] == "10"
         assert run.info.status == "FINISHED"
         assert_each_step_once(client, run)
-        assert {"synthetic.png", "synthetic_best.npz", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"synthetic.png", "synthetic_best.npz", "config.yaml"} <= artifacts
     stopped = [r for r in trials if r.data.tags["stopped_early"] == "true"]
     finished = [r for r in trials if "final_test_accuracy" in r.data.metrics]
     assert stopped, "ASHA stopped no trial early"
@@ -156,7 +156,8 @@ def test_a_submitted_sweep_in_mlflow_reads_without_opening_each_run(smoke_job, s
                                                       metric_key="val_accuracy")["metrics"])
         grids = artifact_paths(mlflow_server, run_id, "images")
         # MLflow names each logged image images/<key>+step+<step>+timestamp+...png
-        steps = sorted(int(m.group(1)) for p in grids if (m := re.search(r"synthetic\+step\+(\d+)\+.*(?<!compressed)\.png$", p)))
+        named = (re.search(r"synthetic\+step\+(\d+)\+.*(?<!compressed)\.png$", p) for p in grids)
+        steps = sorted(int(m.group(1)) for m in named if m)
         assert steps == evaluations and evaluations, (grids, evaluations)
 
     # The parent says what the sweep was and how it went.
