@@ -51,7 +51,8 @@ def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, warm_
                          asha={"grace_period": 10}, max_failures=2)
     driver, log = start_driver(sweep, tmp_path / "driver.log")
     try:
-        wait_for(lambda: any(len(r) >= 3 for r in _results(sweep_home, "kill")), "three checkpointed evaluations", alive=driver)
+        wait_for(lambda: any(len(r) >= 3 for r in _results(sweep_home, "kill")), "three checkpointed evaluations",
+                 alive=driver)
         # This test's trial actor, from the state API of this test's cluster: nobody else's process.
         (trial_pid,) = cluster.actor_pids("ImplicitFunc")
         assert trial_pid in {p.pid for p in cluster.processes()}
@@ -69,41 +70,6 @@ def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, warm_
     # Resumed from a checkpoint, not from zero: no evaluation was reported twice, none is missing.
     assert sorted(steps) == list(range(4, 44, 4))
     assert "failures" in (tmp_path / "driver.log").read_text()
-
-
-def test_mlflow_outage_mid_sweep_loses_no_metrics(sweep_home, warm_store, ray_cluster, tmp_path):
-    (port,) = free_ports(1)
-    server = start_mlflow_server(sweep_home, port)
-    sweep = _write_sweep(tmp_path, name="outage", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
-                         mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
-    driver, log = start_driver(sweep, tmp_path / "driver.log")
-    try:
-        wait_for(lambda: any(r for r in _results(sweep_home, "outage")), "a first reported result", alive=driver)
-        server.terminate()
-        server.wait(timeout=60)
-        wait_for(lambda: sum(len(r) for r in _results(sweep_home, "outage")) >= 4, "results during the outage", alive=driver)
-        server = start_mlflow_server(sweep_home, port)
-        assert driver.wait(timeout=900) == 0
-    finally:
-        driver.kill() if driver.poll() is None else None
-        log.close()
-        server.terminate()
-        server.wait(timeout=60)
-    assert "holding updates" in (tmp_path / "driver.log").read_text()
-
-    server = start_mlflow_server(sweep_home, port)
-    try:
-        client = MlflowClient(f"http://127.0.0.1:{port}")
-        runs = [r for r in client.search_runs([client.get_experiment_by_name("outage").experiment_id])
-                if "trial_id" in r.data.tags]
-        assert len(runs) == 2
-        for run in runs:
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
-            assert sorted(steps) == [4, 8, 12, 16, 20]  # every evaluation, once
-            assert run.info.status == "FINISHED"
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 def _steps_once(client, run_id: str, key: str) -> list[int]:
@@ -131,16 +97,33 @@ def _without_ray_actor_exit_noise(output: str) -> str:
     return "".join(kept)
 
 
-def test_mlflow_down_until_the_sweep_ends_then_a_rerun_logs_what_was_held(sweep_home, warm_store, ray_cluster,
-                                                                           tmp_path):
+def _first_results(home: Path, name: str) -> list[list[dict]]:
+    """Each trial's reported results, in the order the trials first reported."""
+    return sorted((r for r in _results(home, name) if r), key=lambda reported: reported[0]["timestamp"])
+
+
+def test_mlflow_outage_recovers_then_lasts_until_the_end_and_a_rerun_logs_what_was_held(
+        sweep_home, warm_store, ray_cluster, tmp_path):
+    """Two trials, one at a time, one MLflow server. It goes down during trial A and comes back: the same
+    run logs what it held. It goes down again during trial B and stays down: the sweep says so in one line
+    naming B alone, Tune's results keep every metric, and the same command with the server back logs the rest."""
     (port,) = free_ports(1)
     server = start_mlflow_server(sweep_home, port)
-    sweep = _write_sweep(tmp_path, name="down", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
-                         mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
-    held = sweep_home / "sweeps" / "down" / "mlflow_held.json"
-    driver, log = start_driver(sweep, tmp_path / "driver.log")
+    sweep = _write_sweep(tmp_path, name="outage", space={"alpha": [0.0, 0.1]}, asha={"grace_period": 5},
+                         max_concurrent_trials=1, mlflow={"tracking_uri": f"http://127.0.0.1:{port}"})
+    held = sweep_home / "sweeps" / "outage" / "mlflow_held.json"
+    log_path = tmp_path / "driver.log"
+    driver, log = start_driver(sweep, log_path)
     try:
-        wait_for(lambda: any(r for r in _results(sweep_home, "down")), "a first reported result", alive=driver)
+        wait_for(lambda: _first_results(sweep_home, "outage"), "trial A's first result", alive=driver)
+        server.terminate()
+        server.wait(timeout=60)
+        wait_for(lambda: sum(map(len, _first_results(sweep_home, "outage"))) >= 3, "results during the outage",
+                 alive=driver)
+        server = start_mlflow_server(sweep_home, port)
+        wait_for(lambda: "is back; held updates logged" in log_path.read_text()
+                 and len(_first_results(sweep_home, "outage")) == 2,
+                 "the held updates logged, then trial B's first result", alive=driver)
         server.terminate()
         server.wait(timeout=60)
         assert driver.wait(timeout=900) == 0
@@ -148,21 +131,21 @@ def test_mlflow_down_until_the_sweep_ends_then_a_rerun_logs_what_was_held(sweep_
         driver.kill() if driver.poll() is None else None
         log.close()
         server.kill() if server.poll() is None else None
-    output = (tmp_path / "driver.log").read_text()
+    output = log_path.read_text()
+    assert "holding updates" in output
     assert "Traceback" not in _without_ray_actor_exit_noise(output)
     (said,) = [line for line in output.splitlines() if "still unreachable" in line]  # one line says so
     assert said.startswith(f"pad_ray.sweep: error: MLflow at http://127.0.0.1:{port} is still unreachable; ")
-    assert "of 2 trials" in said and str(held) in said and "rerun the same command" in said
+    trial_a, trial_b = (reported[0]["trial_id"] for reported in _first_results(sweep_home, "outage"))
+    assert "of 1 trials" in said and trial_b in said and trial_a not in said  # A's updates were logged on recovery
+    assert str(held) in said and "rerun the same command" in said and held.is_file()
     # Tune's results keep every metric of both trials: all five evaluations, every iteration's loss.
-    results = _results(sweep_home, "down")
-    assert len(results) == 2
-    for reported in results:
+    for reported in _first_results(sweep_home, "outage"):
         assert [r["iteration"] for r in reported] == [4, 8, 12, 16, 20]
         assert all("val_accuracy" in r for r in reported) and "final_test_accuracy" in reported[-1]
         assert sorted(s["iteration"] for r in reported for s in r["steps"]) == list(range(1, 21))
-    assert held.is_file()
 
-    # The same command with the server back: the held updates reach MLflow, each once.
+    # The same command with the server back: the held updates reach MLflow, and every metric is there once.
     server = start_mlflow_server(sweep_home, port)
     try:
         again = subprocess.run([sys.executable, "-m", "pad_ray.sweep", str(sweep)], cwd=REPO, capture_output=True,
@@ -171,9 +154,9 @@ def test_mlflow_down_until_the_sweep_ends_then_a_rerun_logs_what_was_held(sweep_
         assert "updates held by an earlier run of this sweep" in again.stderr
         assert not held.exists()
         client = MlflowClient(f"http://127.0.0.1:{port}")
-        runs = [r for r in client.search_runs([client.get_experiment_by_name("down").experiment_id])
+        runs = [r for r in client.search_runs([client.get_experiment_by_name("outage").experiment_id])
                 if "trial_id" in r.data.tags]
-        assert len(runs) == 2
+        assert sorted(r.data.tags["trial_id"] for r in runs) == sorted([trial_a, trial_b])
         for run in runs:
             assert run.info.status == "FINISHED" and "final_test_accuracy" in run.data.metrics
             assert _steps_once(client, run.info.run_id, "val_accuracy") == [4, 8, 12, 16, 20]
