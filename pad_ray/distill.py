@@ -143,7 +143,8 @@ class Best:
 class Distiller:
     """The distillation state and one outer iteration (`step`)."""
 
-    def __init__(self, cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], device: torch.device):
+    def __init__(self, cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], device: torch.device,
+                 memory_share: float = 1.0):
         if not trajectories:
             raise ConfigError("experts.num_experts: distillation needs at least one expert trajectory")
         self.cfg, self.data, self.trajectories, self.device = cfg, data, trajectories, device
@@ -155,7 +156,7 @@ class Distiller:
         self.net = FlatParams(model)
         _warn_if_cut_reaches_classifier(self.net, d.alpha, d.selection)
         self.dsa = DSA() if d.dsa else None
-        self.gradients = gradient_path(d.gradient, d.memory_budget_gb)
+        self.gradients = gradient_path(d.gradient, d.memory_budget_gb, memory_share)
         self.gen = generator(derive_seed(cfg.seed, "distill"))
 
         finals = [_snapshot(t, len(t) - 1, device) for t in trajectories]
@@ -289,12 +290,13 @@ class Distiller:
 def distill(cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], device: torch.device, *,
             state: dict[str, Any] | None = None,
             on_eval: Callable[[Distiller, dict[str, Any]], None] | None = None,
-            progress: bool = True) -> Distiller:
+            progress: bool = True, memory_share: float = 1.0) -> Distiller:
     """Run (or resume from a `state_dict`) to `distill.iterations`, evaluating every `eval_every`
     iterations and at the end. `on_eval(distiller, metrics)` is where callers checkpoint and report;
-    `metrics["steps"]` holds the per-iteration statistics since the previous evaluation."""
+    `metrics["steps"]` holds the per-iteration statistics since the previous evaluation.
+    `memory_share`: this run's part of the device's free memory, for `auto`'s default budget."""
     d = cfg.distill
-    distiller = Distiller(cfg, data, trajectories, device)
+    distiller = Distiller(cfg, data, trajectories, device, memory_share)
     if state is not None:
         distiller.load_state_dict(state)
     start: dict[str, float] = {}

@@ -138,10 +138,11 @@ class GraphBudget:
     CPU, RSS grew by 0.485 GB per unrolled step there (BENCHMARKS.md, glibc-heap rows, N 10 to 20),
     1.6x the saved bytes. One budget serves one model and image shape (one Distiller).
 
-    `budget_bytes` None means: what the device has free at the first call, times FREE_FRACTION. Once,
-    not at every call: on the CPU the heap keeps the freed graphs of the last iteration (see
-    runtime.keep_freed_memory_in_heap), which the kernel no longer counts as available, so a budget
-    read again would shrink by what this process itself holds for reuse.
+    `budget_bytes` None means: what the device has free at the first call, times FREE_FRACTION and
+    `share` (a sweep trial's part of a device that other trials use too). Once, not at every call: on
+    the CPU the heap keeps the freed graphs of the last iteration (see runtime.keep_freed_memory_in_heap),
+    which the kernel no longer counts as available, so a budget read again would shrink by what this
+    process itself holds for reuse.
     """
 
     ALLOCATOR_OVERHEAD = 1.6
@@ -149,8 +150,8 @@ class GraphBudget:
     # sweep's one recomputed step, the final backward's buffers, and other processes' growth.
     FREE_FRACTION = 0.8
 
-    def __init__(self, budget_bytes: int | None = None):
-        self.budget_bytes = budget_bytes
+    def __init__(self, budget_bytes: int | None = None, share: float = 1.0):
+        self.budget_bytes, self.share = budget_bytes, share
         self.step_bytes: dict[int, int] = {}  # batch rows -> largest saved bytes of one kept step
 
     def estimate(self, rows: int) -> float:
@@ -161,7 +162,7 @@ class GraphBudget:
 
     def kept_steps(self, plan: list[InnerStep], device: torch.device) -> int:
         if self.budget_bytes is None:
-            self.budget_bytes = int(self.FREE_FRACTION * free_memory_bytes(device))
+            self.budget_bytes = int(self.FREE_FRACTION * self.share * free_memory_bytes(device))
         if not self.step_bytes:
             return min(1, len(plan))
         kept, used = 0, 0.0
@@ -273,10 +274,12 @@ def two_pass_gradients(net: FlatParams, images: torch.Tensor, labels: torch.Tens
 GRADIENT_PATHS = ("unrolled", "constant_memory", "auto")
 
 
-def gradient_path(name: str, memory_budget_gb: float | None = None) -> Callable[..., Matching]:
-    """The function `distill.gradient` names; `auto` gets its own GraphBudget, so build one per Distiller."""
+def gradient_path(name: str, memory_budget_gb: float | None = None,
+                  memory_share: float = 1.0) -> Callable[..., Matching]:
+    """The function `distill.gradient` names; `auto` gets its own GraphBudget, so build one per Distiller.
+    `memory_share` scales the default budget only: an explicit `memory_budget_gb` is the trial's own."""
     if name == "auto":
-        budget = GraphBudget(None if memory_budget_gb is None else int(memory_budget_gb * 1e9))
+        budget = GraphBudget(None if memory_budget_gb is None else int(memory_budget_gb * 1e9), memory_share)
         return functools.partial(auto_gradients, budget=budget)
     paths = {"unrolled": unrolled_gradients, "constant_memory": two_pass_gradients}
     if name not in paths:

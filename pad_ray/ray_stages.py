@@ -48,6 +48,19 @@ class GPUUnusableError(RuntimeError):
     """Ray gave this worker a GPU that torch cannot use."""
 
 
+def task_memory_share(device: torch.device) -> float:
+    """The part of its device's memory a task may plan on, as the part of the device Ray gave it: half
+    a GPU for `gpu: 0.5`; on the CPU its CPUs over the node's, since the trials that fill a node's CPUs
+    also share its memory."""
+    context = ray.get_runtime_context()
+    assigned = context.get_assigned_resources()
+    if device.type == "cuda":
+        return min(1.0, assigned.get("GPU", 1.0))
+    node = next((n for n in ray.nodes() if n["NodeID"] == context.get_node_id()), None)
+    total = node["Resources"].get("CPU", 0.0) if node else 0.0
+    return min(1.0, assigned.get("CPU", total) / total) if total else 1.0
+
+
 def task_device() -> torch.device:
     """Inside a Ray task, trial or Train worker: the GPU Ray assigned it, else the CPU.
 

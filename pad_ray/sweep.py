@@ -87,7 +87,8 @@ def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: dict[int, 
             metrics["expert_store_key"] = store_key  # which expert set this trial read (an MLflow tag)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
-    distill(cfg, dataset, trajectories, device, state=state, on_eval=on_eval, progress=False)
+    distill(cfg, dataset, trajectories, device, state=state, on_eval=on_eval, progress=False,
+            memory_share=ray_stages.task_memory_share(device))
 
 
 def _final_evaluation(cfg: RunConfig, data: Dataset, best, device: torch.device) -> dict[str, float]:

@@ -97,3 +97,13 @@ def test_fake_gpus_opt_in_runs_on_the_cpu(fake_gpu_ray, tmp_path):
     scores = ray.get(task.remote(data.train, data.num_classes, to_dict(cfg), seed, 1))
     expected = el2n_run(data.train, data.num_classes, cfg.model, cfg.difficulty, seed, torch.device("cpu"))
     assert torch.equal(scores, expected)
+
+
+def test_a_task_plans_on_its_share_of_the_node_and_of_its_gpu(fake_gpu_ray):
+    # The test cluster has 2 CPUs and 1 GPU: auto's default memory budget is scaled by these shares.
+    share = ray.remote(ray_stages.task_memory_share)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ray.get(share.options(num_cpus=1).remote(cpu)) == 0.5
+    assert ray.get(share.options(num_cpus=2).remote(cpu)) == 1.0
+    assert ray.get(share.options(num_cpus=1, num_gpus=0.25).remote(cuda)) == 0.25
+    assert ray.get(share.options(num_cpus=1, num_gpus=1).remote(cuda)) == 1.0

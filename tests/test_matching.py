@@ -195,6 +195,11 @@ def test_default_budget_is_a_fraction_of_the_memory_free_at_the_first_call(monke
     # Later calls keep that budget: the memory this process frees and reuses is not free to the kernel.
     monkeypatch.setattr(matching, "free_memory_bytes", lambda device: 0)
     assert budget.kept_steps(problem[6], torch.device("cpu")) == 2
+    # A sweep trial with half of its node budgets half of what is free: twice the memory, the same two steps.
+    shared = GraphBudget(share=0.5)
+    shared.step_bytes = dict(budget.step_bytes)
+    monkeypatch.setattr(matching, "free_memory_bytes", lambda device: 4.2 * step / GraphBudget.FREE_FRACTION)
+    assert shared.kept_steps(problem[6], torch.device("cpu")) == 2
 
 
 def test_free_memory_is_positive_on_this_machine():
