@@ -134,7 +134,8 @@ class DistillConfig(Section):
     pix_init: Literal["correct", "real", "noise"] = "correct"
     # pad_ray.matching.GRADIENT_PATHS; auto keeps as many trailing steps' graphs as memory_budget_gb holds.
     gradient: Literal["unrolled", "constant_memory", "auto"] = "unrolled"
-    memory_budget_gb: float | None = Field(None, gt=0)  # for auto's kept graphs; None: what is free, less a margin
+    # For auto's kept graphs. None: what is free, less a margin (a sweep trial: its share of the node or GPU).
+    memory_budget_gb: float | None = Field(None, gt=0)
     dsa: bool = True
 
     @model_validator(mode="after")
