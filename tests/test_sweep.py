@@ -157,10 +157,11 @@ def test_diverging_trial_fails_with_its_reason_while_the_other_finishes_on_every
     # max_concurrent_trials 1 holds for a grid search too: one trial ended before the other began.
     first, second = sorted(trials, key=lambda r: r.info.start_time)
     assert first.info.end_time <= second.info.start_time
-    assert_runs_match_their_trials(client, trials, tune_trials(sweep_home, "nan"), load_sweep(_nan_sweep(tmp_path)))
+    tune = tune_trials(sweep_home, "nan")
+    assert_runs_match_their_trials(client, trials, tune, load_sweep(_nan_sweep(tmp_path)))
 
     # The finished trial reports each evaluation architecture in Tune's results, MLflow and results.csv.
-    (finished,) = [t for t in tune_trials(sweep_home, "nan").values() if t["params"]["distill.lr_img"] == 100]
+    (finished,) = [t for t in tune.values() if t["params"]["distill.lr_img"] == 100]
     final = finished["results"][-1]
     names = ("final_test_accuracy", "final_test_std", "final_val_accuracy")
     assert {k for k in final if k.startswith(names)} == {
