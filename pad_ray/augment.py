@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 FAMILIES: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
+DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"  # the reference's: every family
 
 Params = dict[str, torch.Tensor]
 Sampler = Callable[[int, tuple[int, int], torch.Generator], Params]
@@ -29,7 +30,7 @@ Applier = Callable[[torch.Tensor, Params], torch.Tensor]
 class DSAConfig:
     """Strategy and magnitudes; the defaults are the reference's ParamDiffAug values."""
 
-    strategy: str = "color_crop_cutout_flip_scale_rotate"
+    strategy: str = DEFAULT_STRATEGY
     flip: float = 0.5  # probability that a sample is mirrored
     scale: float = 1.2  # each axis scaled by a factor in [1/scale, scale]
     rotate: float = 15.0  # degrees, angle in [-rotate, rotate]
@@ -170,6 +171,11 @@ class DSA:
         max_angle = math.radians(self.config.rotate)
         return {"angle": (_uniform(n, g) - 0.5) * 2.0 * max_angle}
 
+
+
+def dsa_if(enabled: bool, strategy: str = DEFAULT_STRATEGY) -> DSA | None:
+    """A stage's augmentation: its `dsa` switch and the run's `augment.strategy`."""
+    return DSA(DSAConfig(strategy=strategy)) if enabled else None
 
 def _uniform(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g, dtype=torch.float32)

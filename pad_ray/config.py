@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -171,6 +171,27 @@ class EvalConfig(Section):
     dsa: bool = True
 
 
+# pad_ray.augment.FAMILIES, spelled out so that config.py does not import torch (a test keeps them equal).
+DSA_FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+class AugmentConfig(Section):
+    """DSA's families for every stage whose `dsa` is on: experts, distillation and evaluation. All six by
+    default, as the reference; digit presets drop flip, since a mirrored digit is not a digit (DC's MNIST
+    recipe has no flip either)."""
+
+    strategy: str = "color_crop_cutout_flip_scale_rotate"
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_families(cls, strategy: str) -> str:
+        unknown = [f for f in strategy.split("_") if f not in DSA_FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown family {unknown[0]!r}: families joined by '_', "
+                             f"from {', '.join(DSA_FAMILIES)}")
+        return strategy
+
+
 class ResourcesConfig(Section):
     """How the Ray stages use a cluster. `workers: 0` runs experts and EL2N seeds in this process."""
 
@@ -195,6 +216,7 @@ class RunConfig(Section):
     experts: ExpertConfig = ExpertConfig()
     distill: DistillConfig
     evaluate: EvalConfig = EvalConfig()
+    augment: AugmentConfig = AugmentConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="before")

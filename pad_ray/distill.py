@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pad_ray import files
-from pad_ray.augment import DSA
+from pad_ray.augment import dsa_if
 from pad_ray.config import ConfigError, RunConfig
 from pad_ray.data import Dataset
 from pad_ray.evaluate import Scores, SyntheticSet, evaluate
@@ -155,7 +155,7 @@ class Distiller:
         model = seeded_model(cfg.model, data.channels, data.num_classes, data.image_size, 0).to(device)
         self.net = FlatParams(model)
         _warn_if_cut_reaches_classifier(self.net, d.alpha, d.selection)
-        self.dsa = DSA() if d.dsa else None
+        self.dsa = dsa_if(d.dsa, cfg.augment.strategy)
         self.gradients = gradient_path(d.gradient, d.memory_budget_gb, memory_share)
         self.gen = generator(derive_seed(cfg.seed, "distill"))
 
@@ -234,7 +234,7 @@ class Distiller:
         cfg = self.cfg
         return evaluate(self.synthetic(), self.data.val, self.data.test, self.data.num_classes, cfg.model,
                         cfg.evaluate, derive_seed(cfg.seed, "distill-eval", self.iteration), self.device,
-                        num_nets=cfg.distill.eval_nets, models=(cfg.model.name,))
+                        num_nets=cfg.distill.eval_nets, models=(cfg.model.name,), strategy=cfg.augment.strategy)
 
     def evaluate_summary(self) -> tuple[float, float]:
         """Mean validation and test accuracy of `evaluate_now` on the run's own architecture."""

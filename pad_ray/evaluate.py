@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pad_ray.augment import DSA
+from pad_ray.augment import DEFAULT_STRATEGY, dsa_if
 from pad_ray.config import EvalConfig, ModelConfig
 from pad_ray.data import Split
 from pad_ray.models import seeded_model
@@ -64,7 +64,8 @@ def accuracy(net: nn.Module, split: Split, device: torch.device, batch: int = 10
     return correct.item() / len(split.labels)
 
 
-def train_on(synthetic: SyntheticSet, net: nn.Module, cfg: EvalConfig, seed: int, device: torch.device) -> nn.Module:
+def train_on(synthetic: SyntheticSet, net: nn.Module, cfg: EvalConfig, seed: int, device: torch.device,
+             strategy: str = DEFAULT_STRATEGY) -> nn.Module:
     """Train `net` on the synthetic set with the evaluation protocol; returns it trained."""
     if torch.device(device).type == "cpu":
         keep_freed_memory_in_heap()  # reuse freed activation buffers instead of re-faulting them (see matching)
@@ -72,7 +73,7 @@ def train_on(synthetic: SyntheticSet, net: nn.Module, cfg: EvalConfig, seed: int
     loss_fn = F.cross_entropy if labels.dtype == torch.long else soft_cross_entropy
     optimizer = torch.optim.SGD(net.parameters(), lr=synthetic.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    dsa = DSA() if cfg.dsa else None
+    dsa = dsa_if(cfg.dsa, strategy)
     gen = generator(seed)
     net.train()
     for epoch in range(cfg.epochs):
@@ -92,7 +93,7 @@ def train_on(synthetic: SyntheticSet, net: nn.Module, cfg: EvalConfig, seed: int
 
 def evaluate(synthetic: SyntheticSet, val: Split, test: Split, num_classes: int, model: ModelConfig,
              cfg: EvalConfig, seed: int, device: torch.device, *, num_nets: int | None = None,
-             models: tuple[str, ...] | None = None) -> Scores:
+             models: tuple[str, ...] | None = None, strategy: str = DEFAULT_STRATEGY) -> Scores:
     """Train `num_nets` fresh nets per architecture and measure validation and test accuracy."""
     channels, size = synthetic.images.shape[1], synthetic.images.shape[-1]
     val_acc: dict[str, list[float]] = {}
@@ -101,7 +102,7 @@ def evaluate(synthetic: SyntheticSet, val: Split, test: Split, num_classes: int,
         for k in range(num_nets or cfg.num_nets):
             net_seed = derive_seed(seed, "eval", name, k)
             net = seeded_model(model, channels, num_classes, size, net_seed, name=name).to(device)
-            train_on(synthetic, net, cfg, net_seed, device)
+            train_on(synthetic, net, cfg, net_seed, device, strategy)
             val_acc.setdefault(name, []).append(accuracy(net, val, device))
             test_acc.setdefault(name, []).append(accuracy(net, test, device))
     return Scores(val_acc, test_acc)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pad_ray.augment import DSA
+from pad_ray.augment import DEFAULT_STRATEGY, dsa_if
 from pad_ray.config import ExpertConfig, ModelConfig, ScheduleConfig
 from pad_ray.data import Split
 from pad_ray.models import FlatParams, seeded_model
@@ -65,7 +65,8 @@ class ExpertRun:
     """The state of one expert in training; `state_dict` allows resuming between epochs."""
 
     def __init__(self, train: Split, order: Sequence[torch.Tensor], num_classes: int, model: ModelConfig,
-                 experts: ExpertConfig, schedule: ScheduleConfig, seed: int, device: torch.device):
+                 experts: ExpertConfig, schedule: ScheduleConfig, seed: int, device: torch.device,
+                 strategy: str = DEFAULT_STRATEGY):
         self.train, self.order, self.cfg, self.schedule = train, order, experts, schedule
         self.device = device
         if torch.device(device).type == "cpu":
@@ -76,7 +77,7 @@ class ExpertRun:
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=experts.lr, momentum=experts.momentum,
                                          weight_decay=experts.weight_decay)
         self.gen = generator(seed)
-        self.dsa = DSA() if experts.dsa else None
+        self.dsa = dsa_if(experts.dsa, strategy)
         self.snapshots = [self.flat.flatten().cpu()]
 
     @property
@@ -128,9 +129,10 @@ class ExpertRun:
 
 def train_expert(train: Split, order: Sequence[torch.Tensor], num_classes: int, model: ModelConfig,
                  experts: ExpertConfig, schedule: ScheduleConfig, seed: int, device: torch.device,
-                 on_epoch: Callable[[int, float], None] | None = None) -> np.ndarray:
+                 on_epoch: Callable[[int, float], None] | None = None,
+                 strategy: str = DEFAULT_STRATEGY) -> np.ndarray:
     """Train one expert for `experts.epochs` epochs and return its trajectory [epochs + 1, P]."""
-    run = ExpertRun(train, order, num_classes, model, experts, schedule, seed, device)
+    run = ExpertRun(train, order, num_classes, model, experts, schedule, seed, device, strategy)
     while run.epoch < experts.epochs:
         loss = run.run_epoch()
         if on_epoch is not None:

@@ -87,7 +87,7 @@ def produce_expert(cfg: RunConfig, store: TrajectoryStore, index: int, splits: E
     accuracy per epoch and its final train, validation and test accuracy are stored beside it:
     distillation cannot beat the trajectories it imitates, so weak experts must be visible."""
     run = ExpertRun(splits.train, order, num_classes, cfg.model, cfg.experts, cfg.schedule,
-                    derive_seed(cfg.experts.seed, "expert", index), device)
+                    derive_seed(cfg.experts.seed, "expert", index), device, cfg.augment.strategy)
     partial = store.load_partial(index)
     resumed_at: list[int] = []
     history: dict[str, list[float]] = {"loss": [], "val_accuracy": []}
@@ -206,7 +206,7 @@ def save_grid(path: Path, synthetic: SyntheticSet, data: datasets.Dataset, ipc: 
 def final_evaluation(cfg: RunConfig, data: datasets.Dataset, synthetic: SyntheticSet, device: torch.device) -> dict:
     """`evaluate.num_nets` fresh nets per architecture: mean and std of validation and test accuracy."""
     scores = evaluate(synthetic, data.val, data.test, data.num_classes, cfg.model, cfg.evaluate,
-                      derive_seed(cfg.seed, "final-eval"), device)
+                      derive_seed(cfg.seed, "final-eval"), device, strategy=cfg.augment.strategy)
     result = {}
     for name in scores.test:
         val_mean, val_std = Scores.summary(scores.val[name])

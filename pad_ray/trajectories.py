@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pad_ray import files
-from pad_ray.config import RunConfig, to_dict
+from pad_ray.config import AugmentConfig, RunConfig, to_dict
 
 
 def _digest(identity: dict[str, Any]) -> str:
@@ -51,8 +51,13 @@ def difficulty_identity(cfg: RunConfig) -> dict[str, Any]:
 def expert_identity(cfg: RunConfig) -> dict[str, Any]:
     experts = to_dict(cfg.experts)  # experts.seed included
     experts.pop("num_experts")  # more experts extend the same set
-    return {**difficulty_identity(cfg), "schedule": to_dict(cfg.schedule), "experts": experts,
-            "model_layout": MODEL_LAYOUT}
+    identity = {**difficulty_identity(cfg), "schedule": to_dict(cfg.schedule), "experts": experts,
+                "model_layout": MODEL_LAYOUT}
+    # Only a strategy other than the default is named: stores from before augment.strategy existed
+    # trained with the default and keep their keys. EL2N does not augment, so the scores keep theirs.
+    if cfg.experts.dsa and cfg.augment.strategy != AugmentConfig().strategy:
+        identity["augment"] = to_dict(cfg.augment)
+    return identity
 
 
 class DifficultyCache:

@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 import torch
 
-from pad_ray.augment import DSA, FAMILIES, DSAConfig, Draw
+from pad_ray.augment import DEFAULT_STRATEGY, DSA, FAMILIES, DSAConfig, Draw, dsa_if
 
 
 def gen(seed: int) -> torch.Generator:
@@ -288,3 +288,38 @@ def test_cuda_matches_cpu_and_is_reproducible(family: str) -> None:
     x_grad = x.cuda().requires_grad_()
     dsa.apply(x_grad, draw).square().sum().backward()
     assert x_grad.grad is not None and x_grad.grad.abs().sum() > 0
+
+
+# --- the run's strategy ----------------------------------------------------------------------
+
+
+def test_a_strategy_draws_only_its_own_families() -> None:
+    digits = dsa_if(True, "color_crop_cutout_scale_rotate")
+    drawn = {digits.sample(4, (8, 8), gen(seed)).family for seed in range(200)}
+    assert drawn == {"color", "crop", "cutout", "scale", "rotate"}  # never a mirrored digit
+    assert dsa_if(False, "crop") is None
+
+
+def test_every_stage_of_a_run_augments_with_the_runs_strategy(tmp_path, monkeypatch) -> None:
+    import conftest
+    from pad_ray import distill, evaluate, experts, local_stages
+
+    used = []
+
+    def spy(module):
+        def recording(enabled, strategy=DEFAULT_STRATEGY):
+            used.append((module.__name__, strategy))
+            return dsa_if(enabled, strategy)
+        monkeypatch.setattr(module, "dsa_if", recording)
+
+    for module in (experts, distill, evaluate):
+        spy(module)
+    cfg = conftest.tiny_config(tmp_path, augment={"strategy": "crop_scale"}, experts={"num_experts": 1},
+                               distill={"eval_every": 1, "iterations": 1})
+    data, cpu = conftest.tiny_dataset(), torch.device("cpu")
+    order = [torch.nonzero(data.train.labels == c).flatten() for c in range(3)]
+    trajectories = local_stages.ensure_experts(cfg, data, order, cpu, progress=False)
+    run = distill.distill(cfg, data, trajectories, cpu)
+    local_stages.final_evaluation(cfg, data, run.best_synthetic(), cpu)
+    assert {module for module, _ in used} == {"pad_ray.experts", "pad_ray.distill", "pad_ray.evaluate"}
+    assert {strategy for _, strategy in used} == {"crop_scale"}

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from pad_ray.config import (PRESET_DIR, PRESETS, ConfigError, DataConfig, build_config, load_config, to_dict,
-                            with_absolute_paths)
+from pad_ray import augment
+from pad_ray.config import (DSA_FAMILIES, PRESET_DIR, PRESETS, AugmentConfig, ConfigError, DataConfig, build_config,
+                            load_config, to_dict, with_absolute_paths)
 from pad_ray.data import DATASETS
 
 # Every preset resolved by the Python dicts that the preset files replaced, recorded once.
@@ -73,6 +74,11 @@ def test_config_accepts_exactly_the_loadable_datasets():
         assert build_config({"preset": "smoke", "data": {"dataset": name}}).data.dataset == name
 
 
+def test_config_knows_exactly_the_augmentation_families_and_default():
+    assert DSA_FAMILIES == augment.FAMILIES
+    assert AugmentConfig().strategy == augment.DEFAULT_STRATEGY
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
@@ -93,6 +99,8 @@ def test_config_accepts_exactly_the_loadable_datasets():
         ({"preset": "smoke", "distill": {"selection": "random"}}, "run.yaml: distill.selection"),
         ({"preset": "smoke", "evaluate": {"models": []}}, "run.yaml: evaluate.models: Tuple should have at least 1"),
         ({"preset": "smoke", "data": {"seed": "one"}}, "run.yaml: data.seed: Input should be a valid integer"),
+        ({"preset": "smoke", "augment": {"strategy": "crop_mirror"}},
+         "run.yaml: augment.strategy: unknown family 'mirror': families joined by '_', from color, crop"),
         ([1, 2], "run.yaml: expected a mapping"),
     ],
 )

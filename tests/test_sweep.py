@@ -203,72 +203,82 @@ def _checkpointed_trials(home: Path) -> set[str]:
     return saved
 
 
-def _interrupt_point(home: Path) -> tuple[dict[str, int], dict[str, int]] | None:
+def _interrupt_point(home: Path, before: dict[str, int]) -> tuple[dict[str, int], dict[str, int]] | None:
     """(finished, running) trials as MLflow has them -> their numbers of evaluations, once a trial has
     finished while another is still running with a checkpoint that Tune's saved state records and at
-    least three evaluations left. The first two trials start together and run in step, so when one
-    finishes the other is about to: the running trial this waits for is usually a later one."""
+    least three evaluations left. `before`: each trial's evaluations at the previous interrupt; only
+    trials that finished or made progress since count. The first two trials start together and run in
+    step, so when one finishes the other is about to: the running trial this waits for is usually a later one."""
     if not (home / "sweeps" / INTERRUPTED).exists():  # Tune has started: MLflow's tables exist by then
         return None
     client, trials, _ = children(home, INTERRUPTED)
     checkpointed = _checkpointed_trials(home)
     counts = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_accuracy")) for r in trials}
-    finished = {r.info.run_id: counts[r.info.run_id] for r in trials if r.info.status == "FINISHED"}
+    finished = {r.info.run_id: counts[r.info.run_id] for r in trials
+                if r.info.status == "FINISHED" and counts[r.info.run_id] > before.get(r.info.run_id, 0)}
     running = {r.info.run_id: counts[r.info.run_id] for r in trials
-               if r.info.status == "RUNNING" and 1 <= counts[r.info.run_id] <= EVALUATIONS - 3
+               if r.info.status == "RUNNING" and before.get(r.info.run_id, 0) < counts[r.info.run_id] <= EVALUATIONS - 3
                and r.data.tags["trial_id"] in checkpointed}
     return (finished, running) if finished and running else None
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
-def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, warm_store, ray_cluster, tmp_path,
-                                                                    stop):
+def _interrupt(path: Path, home: Path, log_path: Path, stop: signal.Signals, before: dict[str, int]):
+    """Start (or resume) the sweep, wait for an interrupt point and send `stop`: the point and the exit status."""
+    with open(log_path, "w") as log:  # a file, not a pipe nobody reads: a full pipe blocks the driver
+        # Tune saves its state every second, not every 10 s: a trial's checkpoint is in the saved state well
+        # within the evaluations it has left.
+        driver = subprocess.Popen(sweep_command(path), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+        deadline = time.monotonic() + 600
+        point = None
+        while point is None and time.monotonic() < deadline and driver.poll() is None:
+            point = _interrupt_point(home, before)
+            time.sleep(0.5)  # polling MLflow for the state the interruption waits for
+        assert point, f"no trial finished while another was running with a checkpoint: {log_path.read_text()[-3000:]}"
+        driver.send_signal(stop)
+        return point, driver.wait(timeout=300)
+
+
+def test_a_sweep_stopped_by_ctrl_c_then_killed_resumes_without_rerunning_or_duplicating(sweep_home, warm_store,
+                                                                                        ray_cluster, tmp_path):
     home = sweep_home
-    # The smoke sweep's experts, four trials two at a time, and no early stop before a trial's end: a trial
-    # running at the interrupt has several evaluations left, so it cannot finish (or be stopped by ASHA)
+    # The smoke sweep's experts, six trials two at a time, and no early stop before a trial's end: a trial
+    # running at an interrupt has several evaluations left, so it cannot finish (or be stopped by ASHA)
     # in the seconds between the interrupt point and the signal.
     sweep = yaml.safe_load(SMOKE.read_text())
-    sweep.update(name=INTERRUPTED, space={"alpha": [0.0, 0.1], "ir": [0.5, 0.75]})
+    sweep.update(name=INTERRUPTED, space={"alpha": [0.0, 0.1, 0.2], "ir": [0.5, 0.75]})
     sweep["base"]["distill"] = {"iterations": 4 * EVALUATIONS, "eval_every": 4}
     sweep["asha"]["grace_period"] = EVALUATIONS
     path = tmp_path / f"{INTERRUPTED}.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    log = open(tmp_path / "driver.log", "w")  # a file, not a pipe nobody reads: a full pipe blocks the driver
-    # Tune saves its state every second, not every 10 s: a trial's checkpoint is in the saved state well
-    # within the evaluations it has left.
-    driver = subprocess.Popen(sweep_command(path), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
-    deadline = time.monotonic() + 600
-    point = None
-    while point is None and time.monotonic() < deadline and driver.poll() is None:
-        point = _interrupt_point(home)
-        time.sleep(0.5)  # polling MLflow for the state the interruption waits for
-    assert point, "no trial finished while another was running with a checkpoint"
-    done_before, running_before = point
-    driver.send_signal(stop)
-    code = driver.wait(timeout=300)
-    log.close()
     folder = home / "sweeps" / INTERRUPTED
+
+    # Ctrl-C: Tune saves its state; the driver says the sweep is partial, in its exit status, MLflow and files.
+    (done, running), code = _interrupt(path, home, tmp_path / "ctrl-c.log", signal.SIGINT, {})
+    assert code == 130, (tmp_path / "ctrl-c.log").read_text()[-3000:]
     client, trials, parents = children(home, INTERRUPTED)
-    running_ids = {r.data.tags["trial_id"] for r in trials if r.info.run_id in running_before}
     (parent,) = parents
-    if stop == signal.SIGINT:
-        # Tune saved its state; the driver says the sweep is partial, in its exit status, MLflow and files.
-        assert code == 130, (tmp_path / "driver.log").read_text()[-3000:]
-        assert parent.info.status == "KILLED" and parent.data.tags["partial"] == "true"
-        statuses = {r.info.status for r in trials}
-        assert "KILLED" in statuses and "RUNNING" not in statuses, statuses  # the unfinished trials' runs too
-        assert "pad_ray.sweep: interrupted: " in (tmp_path / "driver.log").read_text()
-        rows = list(csv.DictReader((folder / "results.csv").open()))
-        assert {row["partial"] for row in rows} == {"True"} and "unfinished" in {row["status"] for row in rows}
-        assert (folder / "best_config.yaml").read_text().startswith("# partial: true")
-    else:
-        assert code == -signal.SIGKILL and parent.info.status == "RUNNING"
+    assert parent.info.status == "KILLED" and parent.data.tags["partial"] == "true"
+    statuses = {r.info.status for r in trials}
+    assert "KILLED" in statuses and "RUNNING" not in statuses, statuses  # the unfinished trials' runs too
+    assert "pad_ray.sweep: interrupted: " in (tmp_path / "ctrl-c.log").read_text()
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    assert {row["partial"] for row in rows} == {"True"} and "unfinished" in {row["status"] for row in rows}
+    assert (folder / "best_config.yaml").read_text().startswith("# partial: true")
+    interrupted = [running]
+
+    # Resumed, then killed outright: nothing is saved on the way out and the parent run is left RUNNING.
+    before = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "val_accuracy")) for r in trials}
+    (done_later, running), code = _interrupt(path, home, tmp_path / "killed.log", signal.SIGKILL, before)
+    assert code == -signal.SIGKILL
+    assert [p.info.status for p in children(home, INTERRUPTED)[2]] == ["RUNNING"]
+    done |= done_later
+    interrupted.append(running)
 
     again = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
     client, trials, parents = children(home, INTERRUPTED)
-    assert len(trials) == 4 and len({r.data.tags["trial_id"] for r in trials}) == 4
+    assert len(trials) == 6 and len({r.data.tags["trial_id"] for r in trials}) == 6
     assert [p.info.run_id for p in parents] == [parent.info.run_id]  # the resumed sweep kept its parent run
     assert parents[0].info.status == "FINISHED" and parents[0].data.tags["partial"] == "false"
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
@@ -276,16 +286,18 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(sweep_home, 
     rows = list(csv.DictReader((folder / "results.csv").open()))
     assert {row["partial"] for row in rows} == {"False"} and "unfinished" not in {row["status"] for row in rows}
     evaluations = {r.info.run_id: assert_each_step_once(client, r) for r in trials}  # nothing twice, no gaps
-    for run_id, count in done_before.items():
+    for run_id, count in done.items():
         assert evaluations[run_id] == count  # not rerun
     tune = tune_trials(home, INTERRUPTED)
     assert_runs_match_their_trials(client, trials, tune, load_sweep(path))
-    for trial_id in running_ids:
-        # Resumed from its checkpoint: Tune restored it with evaluations already done, and the trial's
-        # first report after the restore continues the iteration count where the checkpoint left it.
-        restored = [r for r in tune[trial_id]["results"]
-                    if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1]
-        assert restored, f"trial {trial_id} started again from zero"
+    trial_of = {r.info.run_id: r.data.tags["trial_id"] for r in trials}
+    for run_id in set().union(*interrupted):
+        # Resumed from its checkpoint after every interrupt it ran through: Tune restored it with evaluations
+        # already done, and its first report after each restore continues the iteration count where the
+        # checkpoint left it.
+        results = tune[trial_of[run_id]]["results"]
+        restored = [r for r in results if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1]
+        assert len(restored) >= sum(run_id in point for point in interrupted), f"{trial_of[run_id]} started again"
         assert all(r["iteration"] == 4 * r["training_iteration"] for r in restored)
 
 

@@ -88,11 +88,23 @@ def test_same_settings_share_a_directory(tmp_path):
         {"data": {"val_fraction": 0.1}},
         {"data": {"train_per_class": 30}},
         {"data": {"zca": True}},
+        {"augment": {"strategy": "crop_scale_rotate"}},
     ],
     ids=lambda change: str(change),
 )
 def test_settings_that_change_the_experts_change_the_directory(tmp_path, change):
     assert _key(tmp_path, **change) != _key(tmp_path)
+
+
+def test_the_default_augmentation_keeps_the_keys_of_stores_that_predate_its_key(tmp_path):
+    cfg = tiny_config(tmp_path)
+    assert "augment" not in TrajectoryStore(cfg.store_dir, cfg).identity
+    # Experts trained without DSA do not depend on its strategy.
+    plain = {"experts": {"dsa": False}}
+    assert _key(tmp_path, augment={"strategy": "crop"}, **plain) == _key(tmp_path, **plain)
+    # EL2N does not augment: the scores are shared.
+    other = tiny_config(tmp_path, augment={"strategy": "crop"})
+    assert DifficultyCache(other.store_dir, other).path == DifficultyCache(cfg.store_dir, cfg).path
 
 
 def test_store_identity_follows_the_training_split(tmp_path, mnist_root):
