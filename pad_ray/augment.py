@@ -172,10 +172,10 @@ class DSA:
         return {"angle": (_uniform(n, g) - 0.5) * 2.0 * max_angle}
 
 
-
 def dsa_if(enabled: bool, strategy: str = DEFAULT_STRATEGY) -> DSA | None:
     """A stage's augmentation: its `dsa` switch and the run's `augment.strategy`."""
     return DSA(DSAConfig(strategy=strategy)) if enabled else None
+
 
 def _uniform(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g, dtype=torch.float32)
