@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-FAMILIES: tuple[str, ...] = ("color", "crop", "cutout", "flip", "scale", "rotate")
-DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"  # the reference's: every family
+from pad_ray.config import DEFAULT_DSA_STRATEGY as DEFAULT_STRATEGY, DSA_FAMILIES as FAMILIES, check_dsa_strategy
 
 Params = dict[str, torch.Tensor]
 Sampler = Callable[[int, tuple[int, int], torch.Generator], Params]
@@ -41,12 +40,7 @@ class DSAConfig:
     contrast: float = 0.5  # contrast factor in [contrast, contrast + 1]
 
     def __post_init__(self) -> None:
-        unknown = [f for f in self.strategy.split("_") if f not in FAMILIES]
-        if unknown:
-            raise ValueError(
-                f"unknown DSA augmentation family {unknown[0]!r} in strategy "
-                f"{self.strategy!r}; allowed families: {', '.join(FAMILIES)}"
-            )
+        check_dsa_strategy(self.strategy)
 
     @property
     def families(self) -> tuple[str, ...]:

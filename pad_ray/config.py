@@ -171,8 +171,16 @@ class EvalConfig(Section):
     dsa: bool = True
 
 
-# pad_ray.augment.FAMILIES, spelled out so that config.py does not import torch (a test keeps them equal).
+# DSA's augmentation families (pad_ray.augment draws them); here so that validating a config needs no torch.
 DSA_FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
+DEFAULT_DSA_STRATEGY = "_".join(DSA_FAMILIES)  # the reference's: every family
+
+
+def check_dsa_strategy(strategy: str) -> str:
+    unknown = [f for f in strategy.split("_") if f not in DSA_FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown family {unknown[0]!r}: families joined by '_', from {', '.join(DSA_FAMILIES)}")
+    return strategy
 
 
 class AugmentConfig(Section):
@@ -180,16 +188,12 @@ class AugmentConfig(Section):
     default, as the reference; digit presets drop flip, since a mirrored digit is not a digit (DC's MNIST
     recipe has no flip either)."""
 
-    strategy: str = "color_crop_cutout_flip_scale_rotate"
+    strategy: str = DEFAULT_DSA_STRATEGY
 
     @field_validator("strategy")
     @classmethod
     def _known_families(cls, strategy: str) -> str:
-        unknown = [f for f in strategy.split("_") if f not in DSA_FAMILIES]
-        if unknown:
-            raise ValueError(f"unknown family {unknown[0]!r}: families joined by '_', "
-                             f"from {', '.join(DSA_FAMILIES)}")
-        return strategy
+        return check_dsa_strategy(strategy)
 
 
 class ResourcesConfig(Section):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pad_ray import files
-from pad_ray.config import AugmentConfig, RunConfig, to_dict
+from pad_ray.config import DEFAULT_DSA_STRATEGY, RunConfig, to_dict
 
 
 def _digest(identity: dict[str, Any]) -> str:
@@ -55,7 +55,7 @@ def expert_identity(cfg: RunConfig) -> dict[str, Any]:
                 "model_layout": MODEL_LAYOUT}
     # Only a strategy other than the default is named: stores from before augment.strategy existed
     # trained with the default and keep their keys. EL2N does not augment, so the scores keep theirs.
-    if cfg.experts.dsa and cfg.augment.strategy != AugmentConfig().strategy:
+    if cfg.experts.dsa and cfg.augment.strategy != DEFAULT_DSA_STRATEGY:
         identity["augment"] = to_dict(cfg.augment)
     return identity
 

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pad_ray import augment
-from pad_ray.config import (DSA_FAMILIES, PRESET_DIR, PRESETS, AugmentConfig, ConfigError, DataConfig, build_config,
-                            load_config, to_dict, with_absolute_paths)
+from pad_ray.config import (PRESET_DIR, PRESETS, ConfigError, DataConfig, build_config, load_config, to_dict,
+                            with_absolute_paths)
 from pad_ray.data import DATASETS
 
 # Every preset resolved by the Python dicts that the preset files replaced, recorded once.
@@ -72,11 +71,6 @@ def test_config_accepts_exactly_the_loadable_datasets():
     assert typing.get_args(DataConfig.model_fields["dataset"].annotation) == DATASETS
     for name in ("fashionmnist", "kmnist", "svhn"):
         assert build_config({"preset": "smoke", "data": {"dataset": name}}).data.dataset == name
-
-
-def test_config_knows_exactly_the_augmentation_families_and_default():
-    assert DSA_FAMILIES == augment.FAMILIES
-    assert AugmentConfig().strategy == augment.DEFAULT_STRATEGY
 
 
 @pytest.mark.parametrize(
