@@ -11,9 +11,10 @@ DSA on, depth mask at alpha 0.25, and a random start/target pair of flat paramet
 `--paper` measures the paper's CIFAR-10 settings instead: IPC 10 (batch_syn 100) and IPC 50
 (batch_syn 500), both at N 80 (sized for a GPU; add `--merge` to keep the other rows' results).
 Each row runs in a fresh process: the peak is that configuration's own (max RSS on the CPU, max
-reserved on CUDA, with max allocated beside it). In the same process the plain forward+backward of the same model on one batch
-of the same size is timed, and FLOPs of both are counted with `torch.utils.flop_counter`, so the
-iteration's achieved throughput is given as a fraction of the plain training step's.
+reserved on CUDA, with max allocated beside it). Each path runs one whole iteration before the timed
+ones. In the same process the plain forward+backward of the same model on one batch of the same
+size is timed, and FLOPs of both are counted with `torch.utils.flop_counter`, so the iteration's achieved
+throughput is given as a fraction of the plain training step's.
 
 FLOPs of an iteration are affine in N at a fixed batch (every step does the same convolutions and
 matmuls; DSA's ops are not counted by the flop counter), so they are counted exactly on 1- and
@@ -135,8 +136,10 @@ def child(p: dict) -> dict:
     plain_s = common.median(common.timed(plain_step, dev, p["plain_repeats"]))
     model.zero_grad(set_to_none=True)
 
-    warmup_steps = p["steps"] if p["warmup"] == "full" else min(p["steps"], int(p["warmup"]))
-    warm = common.timed(lambda: iteration(warmup_steps), dev, 1)[0]
+    # A whole iteration first, at every N: it grows the heap to the path's steady-state size and gives
+    # auto's budget its measured step, as every iteration after a run's first finds them. A shorter warm-up
+    # left the timed N 80 iteration faulting in 12.6 GB of new heap (29 s of system CPU) that a run pays once.
+    warm = common.timed(lambda: iteration(p["steps"]), dev, 1)[0]
     before = resource.getrusage(resource.RUSAGE_SELF)
     kept.clear()
     times = common.timed(lambda: iteration(p["steps"]), dev, p["repeats"])
@@ -147,7 +150,7 @@ def child(p: dict) -> dict:
     rate = flops / seconds
     result = {
         **p, "device": str(dev), "threads": threads, "flat_params": net.size, "kept_steps": kept,
-        "warmup_steps": warmup_steps, "warmup_s": warm, "times_s": times, "s_per_iter": seconds,
+        "warmup_s": warm, "times_s": times, "s_per_iter": seconds,
         "s_per_step": seconds / p["steps"], "peak_bytes": common.peak_memory_bytes(dev),
         "peak_gb": common.peak_memory_bytes(dev) / common.GB,
         "flops_per_iter": flops, "flops_per_step": flops / p["steps"], "flops_check": flops_check,
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, gradient, budget in paths:
             payload = {**model, "allocator": args.allocator, "label": label, "path": gradient, "ipc": ipc,
                        "batch": batch, "steps": steps, "repeats": repeats,
-                       "warmup": "full" if steps <= 20 or ipc == 1 else 2, "alpha": 0.25, "selection": "depth",
+                       "alpha": 0.25, "selection": "depth",
                        "dsa": True, "threads": args.threads, "plain_repeats": 5,
                        "count_full": steps <= 20 and ipc == 1 or args.quick}
             skipped = None
