@@ -11,10 +11,11 @@ DSA on, depth mask at alpha 0.25, and a random start/target pair of flat paramet
 `--paper` measures the paper's CIFAR-10 settings instead: IPC 10 (batch_syn 100) and IPC 50
 (batch_syn 500), both at N 80 (sized for a GPU; add `--merge` to keep the other rows' results).
 Each row runs in a fresh process: the peak is that configuration's own (max RSS on the CPU, max
-reserved on CUDA, with max allocated beside it). Each path runs one whole iteration before the timed
-ones. In the same process the plain forward+backward of the same model on one batch of the same
-size is timed, and FLOPs of both are counted with `torch.utils.flop_counter`, so the iteration's achieved
-throughput is given as a fraction of the plain training step's.
+reserved on CUDA, with max allocated beside it). Each path runs whole iterations before the timed ones
+(two for auto, whose first call only measures a step). In the same process the plain forward+backward
+of the same model on one batch of the same size is timed, and FLOPs of both are counted with
+`torch.utils.flop_counter`, so the iteration's achieved throughput is given as a fraction of the plain
+training step's.
 
 FLOPs of an iteration are affine in N at a fixed batch (every step does the same convolutions and
 matmuls; DSA's ops are not counted by the flop counter), so they are counted exactly on 1- and
@@ -136,10 +137,10 @@ def child(p: dict) -> dict:
     plain_s = common.median(common.timed(plain_step, dev, p["plain_repeats"]))
     model.zero_grad(set_to_none=True)
 
-    # A whole iteration first, at every N: it grows the heap to the path's steady-state size and gives
-    # auto's budget its measured step, as every iteration after a run's first finds them. A shorter warm-up
-    # left the timed N 80 iteration faulting in 12.6 GB of new heap (29 s of system CPU) that a run pays once.
-    warm = common.timed(lambda: iteration(p["steps"]), dev, 1)[0]
+    # Whole iterations first, at every N, until the heap has its steady size, as in every iteration of a run
+    # after its first ones: one, and for auto two, since its first call keeps one step only, to measure it.
+    # A shorter warm-up left the timed N 80 iteration faulting in 12.6 GB of new heap (29 s of system CPU).
+    warm = common.timed(lambda: iteration(p["steps"]), dev, 2 if p["path"] == "auto" else 1)
     before = resource.getrusage(resource.RUSAGE_SELF)
     kept.clear()
     times = common.timed(lambda: iteration(p["steps"]), dev, p["repeats"])

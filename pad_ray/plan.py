@@ -41,6 +41,7 @@ CONSTANTS_FILE = Path(__file__).with_name("plan_constants.json")
 GB = 1e9
 WORD = 4  # bytes of a float32
 PATHS = ("unrolled", "constant_memory")
+AUTO_NOTE = " (the unrolled peak where its budget holds every step, down to constant_memory's)"
 
 
 @dataclass(frozen=True)
@@ -333,7 +334,7 @@ def _memory_lines(sweep: SweepConfig) -> list[str]:
             d = cfg.distill
             estimates = ", ".join(f"{path} {_gb(trial_memory(cfg, model, path))}" for path in PATHS)
             lines.append(f"  IPC {d.ipc}, N {d.syn_steps}, batch {min(d.batch_syn, d.ipc * len(DATASET_SHAPES[cfg.data.dataset].train_per_class))}: "
-                         f"{estimates}; this sweep uses {d.gradient}")
+                         f"{estimates}; this sweep uses {d.gradient}{AUTO_NOTE if d.gradient == 'auto' else ''}")
     if "cuda" not in memory_models():
         lines.append("  (no CUDA constants yet: autograd saves the same tensors on a GPU, where CUDA's context "
                      "and its allocator's slack come on top)")

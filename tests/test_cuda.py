@@ -58,7 +58,7 @@ def test_dsa_draws_the_same_per_seed_on_cuda_and_cpu(seed):
 
 # -- distillation and evaluation ----------------------------------------------------------------
 
-@pytest.mark.parametrize("gradient", ["unrolled", "constant_memory"])
+@pytest.mark.parametrize("gradient", ["unrolled", "constant_memory", "auto"])
 def test_short_distillation_on_cuda_draws_what_the_cpu_run_draws(tiny, gradient):
     _, data, _, trajectories = tiny
     cfg = tiny_config(distill={"gradient": gradient})

@@ -178,8 +178,8 @@ def test_the_best_set_survives_a_checkpoint(tiny, tmp_path):
     {"gradient": "auto", "memory_budget_gb": 1e-9},  # keeps one step, then none
 ])
 def test_other_gradient_paths_match_unrolled(tiny, gradient):
-    cfg, data, _, trajectories = tiny
-    unrolled = Distiller(cfg, data, trajectories, CPU)
+    _, data, _, trajectories = tiny
+    unrolled = Distiller(tiny_config(distill={"gradient": "unrolled"}), data, trajectories, CPU)
     constant = Distiller(tiny_config(distill=gradient), data, trajectories, CPU)
     _run(unrolled, 3)
     _run(constant, 3)

@@ -143,3 +143,13 @@ def test_shipped_gpu_sweeps_take_the_path_that_fits_a_48_gb_l40s(name):
     l40s = 48e9
     assert all(plan.trial_memory(c, model, c.distill.gradient) * (1 + model.tolerance) < l40s for c in configs)
     assert any(plan.trial_memory(c, model, "unrolled") > l40s for c in configs)  # why not the unrolled path
+
+
+@pytest.mark.parametrize("gradient", ["unrolled", "auto"])
+def test_the_memory_lines_say_which_path_the_sweep_takes_and_what_auto_costs(gradient):
+    from pad_ray.sweep_config import load_sweep
+
+    lines = plan._memory_lines(load_sweep(SMOKE, {"base": {"distill": {"gradient": gradient}}}))
+    trial = [line for line in lines if line.startswith("  IPC ")]
+    assert trial and all(line.endswith(f"this sweep uses {gradient}" + (plan.AUTO_NOTE if gradient == "auto" else ""))
+                         for line in trial)
