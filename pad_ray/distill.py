@@ -26,7 +26,7 @@ from pad_ray.config import ConfigError, RunConfig
 from pad_ray.data import Dataset
 from pad_ray.evaluate import Scores, SyntheticSet, evaluate
 from pad_ray.models import seeded_model
-from pad_ray.matching import depth_cut, gradient_path, plan_steps
+from pad_ray.matching import AutoPath, depth_cut, gradient_path, plan_steps
 from pad_ray.models import FlatParams
 from pad_ray.runtime import derive_seed, generator, keep_freed_memory_in_heap, peak_memory_mb
 
@@ -262,6 +262,7 @@ class Distiller:
             "expert_order": self.expert_order,
             "expert_cursor": self.expert_cursor, "num_experts": len(self.trajectories),
             "best": self.best.state_dict(),
+            **({"graph_budget": self.gradients.budget.state_dict()} if isinstance(self.gradients, AutoPath) else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -279,6 +280,8 @@ class Distiller:
         self.iteration, self.skipped, self.elapsed = state["iteration"], state["skipped"], state["elapsed"]
         self.expert_order, self.expert_cursor = state["expert_order"], state["expert_cursor"]
         self.best = Best.from_state_dict(state["best"])
+        if isinstance(self.gradients, AutoPath) and "graph_budget" in state:
+            self.gradients.budget.load_state_dict(state["graph_budget"])
 
     def save(self, path: Path) -> None:
         files.save_torch(path, self.state_dict())

@@ -21,10 +21,10 @@ recomputes the rest, so an iteration recomputes only what the budget forces.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -173,6 +173,14 @@ class GraphBudget:
             kept += 1
         return kept
 
+    def state_dict(self) -> dict[str, Any]:
+        """What decides the next split: a resumed run that loads it keeps the steps the straight run keeps
+        (a fresh budget would measure again and keep one step, and the two splits round differently)."""
+        return {"budget_bytes": self.budget_bytes, "step_bytes": dict(self.step_bytes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.budget_bytes, self.step_bytes = state["budget_bytes"], dict(state["step_bytes"])
+
     @contextlib.contextmanager
     def measuring(self, rows: int) -> Iterator[None]:
         storages: dict[int, int] = {}
@@ -271,6 +279,16 @@ def two_pass_gradients(net: FlatParams, images: torch.Tensor, labels: torch.Tens
     return auto_gradients(net, images, labels, syn_lr, start, target, plan, dsa, alpha, selection, kept=0)
 
 
+class AutoPath:
+    """`auto_gradients` with the GraphBudget it keeps across iterations, which checkpoints carry."""
+
+    def __init__(self, budget: GraphBudget):
+        self.budget = budget
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Matching:
+        return auto_gradients(*args, budget=self.budget, **kwargs)
+
+
 GRADIENT_PATHS = ("unrolled", "constant_memory", "auto")
 
 
@@ -279,8 +297,7 @@ def gradient_path(name: str, memory_budget_gb: float | None = None,
     """The function `distill.gradient` names; `auto` gets its own GraphBudget, so build one per Distiller.
     `memory_share` scales the default budget only: an explicit `memory_budget_gb` is the trial's own."""
     if name == "auto":
-        budget = GraphBudget(None if memory_budget_gb is None else int(memory_budget_gb * 1e9), memory_share)
-        return functools.partial(auto_gradients, budget=budget)
+        return AutoPath(GraphBudget(None if memory_budget_gb is None else int(memory_budget_gb * 1e9), memory_share))
     paths = {"unrolled": unrolled_gradients, "constant_memory": two_pass_gradients}
     if name not in paths:
         raise ValueError(f"gradient: unknown path {name!r}; allowed: {', '.join(GRADIENT_PATHS)}")

@@ -173,6 +173,17 @@ def test_auto_measures_a_kept_step_first_then_keeps_what_the_budget_holds():
     assert auto_gradients(*problem, budget=budget).kept == 0
 
 
+def test_a_loaded_budget_keeps_the_steps_the_saved_one_would_keep():
+    problem = _problem("depth", True)
+    budget = GraphBudget(budget_bytes=10**12)
+    auto_gradients(*problem, budget=budget)
+    budget.budget_bytes = math.ceil(budget.estimate(2) + budget.estimate(4))
+    loaded = GraphBudget()
+    loaded.load_state_dict(budget.state_dict())
+    assert loaded.kept_steps(problem[6], torch.device("cpu")) == budget.kept_steps(problem[6], torch.device("cpu"))
+    assert auto_gradients(*problem, budget=loaded).kept == auto_gradients(*problem, budget=budget).kept == 2
+
+
 def test_step_estimate_scales_up_from_smaller_batches_only():
     budget = GraphBudget()
     budget.step_bytes = {4: 1000}
