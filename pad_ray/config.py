@@ -133,7 +133,8 @@ class DistillConfig(Section):
     eval_start: bool = True
     pix_init: Literal["correct", "real", "noise"] = "correct"
     # pad_ray.matching.GRADIENT_PATHS; auto keeps as many trailing steps' graphs as memory_budget_gb holds.
-    gradient: Literal["unrolled", "constant_memory", "auto"] = "unrolled"
+    # The default: on every benchmarked row no slower than the better of the other two (BENCHMARKS.md, section 1).
+    gradient: Literal["unrolled", "constant_memory", "auto"] = "auto"
     # For auto's kept graphs. None: what is free, less a margin (a sweep trial: its share of the node or GPU).
     memory_budget_gb: float | None = Field(None, gt=0)
     dsa: bool = True
