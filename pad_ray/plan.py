@@ -333,8 +333,10 @@ def _memory_lines(sweep: SweepConfig) -> list[str]:
         for cfg in sorted(shapes.values(), key=lambda c: (c.distill.ipc, c.distill.syn_steps, c.distill.batch_syn)):
             d = cfg.distill
             estimates = ", ".join(f"{path} {_gb(trial_memory(cfg, model, path))}" for path in PATHS)
-            lines.append(f"  IPC {d.ipc}, N {d.syn_steps}, batch {min(d.batch_syn, d.ipc * len(DATASET_SHAPES[cfg.data.dataset].train_per_class))}: "
-                         f"{estimates}; this sweep uses {d.gradient}{AUTO_NOTE if d.gradient == 'auto' else ''}")
+            batch = min(d.batch_syn, d.ipc * len(DATASET_SHAPES[cfg.data.dataset].train_per_class))
+            note = AUTO_NOTE if d.gradient == "auto" else ""
+            lines.append(f"  IPC {d.ipc}, N {d.syn_steps}, batch {batch}: {estimates}; "
+                         f"this sweep uses {d.gradient}{note}")
     if "cuda" not in memory_models():
         lines.append("  (no CUDA constants yet: autograd saves the same tensors on a GPU, where CUDA's context "
                      "and its allocator's slack come on top)")
