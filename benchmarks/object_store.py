@@ -47,7 +47,7 @@ def child(p: dict) -> dict:
         rng = np.random.default_rng(0)
         for i in range(p["experts"]):
             store.save(i, rng.standard_normal((p["epochs"] + 1, size), dtype=np.float32))
-        last_epoch = ray_stages.last_sampled_epoch(cfg)
+        last_epoch = cfg.distill.last_sampled_epoch
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             began = time.perf_counter()

@@ -26,7 +26,7 @@ _EXPORTS = {
     "load_config": "pad_ray.config",
     "SweepConfig": "pad_ray.sweep_config",
     "load_sweep": "pad_ray.sweep_config",
-    "run_sweep": "pad_ray.sweep",
+    "run_sweep": "pad_ray.tune_sweep",
     "Distiller": "pad_ray.distill",
     "SyntheticSet": "pad_ray.evaluate",
     "random_real_subset": "pad_ray.evaluate",

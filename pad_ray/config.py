@@ -154,6 +154,11 @@ class DistillConfig(Section):
         return -(-self.iterations // self.eval_every)
 
     @property
+    def last_sampled_epoch(self) -> int:
+        """The latest expert epoch a run reads: its last possible start plus M (the object store holds up to it)."""
+        return self.max_start_epoch + self.expert_epochs
+
+    @property
     def expansion_end_iteration(self) -> int:
         """DATM's expansion_end_epoch, in outer iterations (docs/decisions.md, Presets)."""
         return self.interval * (self.max_start_epoch - self.current_max_start_epoch)

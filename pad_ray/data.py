@@ -16,13 +16,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchvision.datasets import KMNIST, MNIST, SVHN, FashionMNIST, ImageFolder
-from torchvision.datasets.utils import download_and_extract_archive, download_url
 
 from pad_ray.runtime import derive_seed
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
 
 DATASETS = ("mnist", "fashionmnist", "kmnist", "svhn", "cifar10", "cifar100", "tinyimagenet")
 
@@ -162,6 +165,16 @@ def _unit_float(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
 
+def _torchvision() -> ModuleType:
+    """torchvision.datasets, imported where a dataset is read or fetched: importing torchvision takes
+    about 1.5 s (it loads its models and torch._dynamo), and every Ray worker that receives a Split
+    imports this module."""
+    import torchvision.datasets
+    import torchvision.datasets.utils
+
+    return torchvision.datasets
+
+
 # --- MNIST family (MNIST, Fashion-MNIST, KMNIST: the same idx files under <root>/<Class>/raw) ----
 
 _IDX_FILES = {
@@ -170,8 +183,8 @@ _IDX_FILES = {
 }
 
 
-def _load_mnist_family(root: Path, source: type[MNIST]) -> RawData:
-    title = source.__name__
+def _load_mnist_family(root: Path, title: str) -> RawData:
+    source = getattr(_torchvision(), title)
     # torchvision's raw_folder rule, needed before an instance exists to report a missing file.
     raw_dir = root / title / "raw"
     for names in _IDX_FILES.values():
@@ -306,10 +319,13 @@ def _load_cifar(root: Path, fmt: _CifarFormat) -> RawData:
 # --- SVHN (the cropped-digits .mat files that torchvision.datasets.SVHN reads) ---------------------
 
 _SVHN_DIR = "SVHN"
-# Split name -> (url, filename, md5), torchvision's own table.
-_SVHN_SPLITS = {split: SVHN.split_list[split] for split in ("train", "test")}
 # SVHN stores the digit 0 as label 10; torchvision maps it to 0, so label k is the digit k.
 _SVHN_CLASSES = [str(digit) for digit in range(10)]
+
+
+def _svhn_file(split: str) -> tuple[str, str, str]:
+    """(url, filename, md5) of an SVHN split: torchvision's own table."""
+    return _torchvision().SVHN.split_list[split]
 
 
 def _read_svhn_split(path: Path, expected: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,8 +357,8 @@ def _read_svhn_split(path: Path, expected: str) -> tuple[torch.Tensor, torch.Ten
 def _load_svhn(root: Path) -> RawData:
     folder = root / _SVHN_DIR
     expected = f"torchvision's SVHN train_32x32.mat and test_32x32.mat under {folder}"
-    train_x, train_y = _read_svhn_split(folder / _SVHN_SPLITS["train"][1], expected)
-    test_x, test_y = _read_svhn_split(folder / _SVHN_SPLITS["test"][1], expected)
+    train_x, train_y = _read_svhn_split(folder / _svhn_file("train")[1], expected)
+    test_x, test_y = _read_svhn_split(folder / _svhn_file("test")[1], expected)
     return train_x, train_y, test_x, test_y, list(_SVHN_CLASSES)
 
 
@@ -353,7 +369,7 @@ _TINY_SHAPE = (64, 64, 3)
 
 def _image_folder(path: Path) -> ImageFolder:
     try:
-        return ImageFolder(str(path))
+        return _torchvision().ImageFolder(str(path))
     except FileNotFoundError as error:
         raise DataError(f"no usable class folders in {path}: {_one_line(error)}") from error
 
@@ -433,10 +449,10 @@ def _load_tiny(root: Path) -> RawData:
 
 # --- public API ----------------------------------------------------------------------------------
 
-_MNIST_FAMILY: dict[str, type[MNIST]] = {"mnist": MNIST, "fashionmnist": FashionMNIST, "kmnist": KMNIST}
+_MNIST_FAMILY = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "kmnist": "KMNIST"}  # torchvision's classes
 
 _LOADERS: dict[str, Callable[[Path], RawData]] = {
-    **{name: functools.partial(_load_mnist_family, source=source) for name, source in _MNIST_FAMILY.items()},
+    **{name: functools.partial(_load_mnist_family, title=title) for name, title in _MNIST_FAMILY.items()},
     "svhn": _load_svhn,
     "cifar10": functools.partial(_load_cifar, fmt=_CIFAR10),
     "cifar100": functools.partial(_load_cifar, fmt=_CIFAR100),
@@ -463,28 +479,28 @@ def load_raw(name: str, root: str | Path) -> RawData:
         raise _MissingData(f"{error} (get it with: {fix})") from None
 
 
-def _fetch_mnist_family(root: Path, source: type[MNIST]) -> Path:
+def _fetch_mnist_family(root: Path, title: str) -> Path:
     # The constructor downloads all four idx files whichever split it is asked for.
-    source(str(root), train=True, download=True)
-    return root / source.__name__
+    getattr(_torchvision(), title)(str(root), train=True, download=True)
+    return root / title
 
 
 def _fetch_svhn(root: Path) -> Path:
     # The download_url call SVHN.download makes; building an SVHN object would also parse the 180 MB file.
     folder = root / _SVHN_DIR
-    for url, filename, md5 in _SVHN_SPLITS.values():
-        download_url(url, str(folder), filename, md5)
+    for url, filename, md5 in map(_svhn_file, ("train", "test")):
+        _torchvision().utils.download_url(url, str(folder), filename, md5)
     return folder
 
 
 def _fetch_archive(root: Path, url: str, md5: str, folder: str) -> Path:
     # The archive stays in root, so a second call verifies it by md5 instead of fetching it again.
-    download_and_extract_archive(url, download_root=str(root), md5=md5)
+    _torchvision().utils.download_and_extract_archive(url, download_root=str(root), md5=md5)
     return root / folder
 
 
 _FETCHERS: dict[str, Callable[[Path], Path]] = {
-    **{name: functools.partial(_fetch_mnist_family, source=source) for name, source in _MNIST_FAMILY.items()},
+    **{name: functools.partial(_fetch_mnist_family, title=title) for name, title in _MNIST_FAMILY.items()},
     "svhn": _fetch_svhn,
     **{
         name: functools.partial(

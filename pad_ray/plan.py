@@ -35,7 +35,7 @@ from typing import Any
 
 from pad_ray.config import ModelConfig, RunConfig
 from pad_ray.schedule import class_range
-from pad_ray.sweep_config import SweepConfig, finite_grid, trial_config
+from pad_ray.sweep_config import SweepConfig, finite_grid, trial_config, with_absolute_base
 
 CONSTANTS_FILE = Path(__file__).with_name("plan_constants.json")
 GB = 1e9
@@ -232,13 +232,30 @@ class ExpertSetPlan:
     difficulty_to_score: str | None  # the EL2N cache this set would score first, None when cached
 
 
+def expert_sets(sweep: SweepConfig) -> dict[str, tuple[RunConfig, int, int]]:
+    """Distinct expert sets of the space, as the run makes them: store key -> (a config, last sampled
+    epoch, experts needed)."""
+    from pad_ray.trajectories import TrajectoryStore
+
+    groups: dict[str, tuple[RunConfig, int, int]] = {}
+    for params in finite_grid(sweep, 0) + finite_grid(sweep, 1):
+        cfg = trial_config(sweep, params)
+        key = TrajectoryStore(cfg.store_dir, cfg).key
+        last, count = cfg.distill.last_sampled_epoch, cfg.experts.num_experts
+        if key in groups:
+            _, seen_last, seen_count = groups[key]
+            last, count = max(last, seen_last), max(count, seen_count)
+            cfg = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"num_experts": count})})
+        groups[key] = (cfg, last, count)
+    return groups
+
+
 def expert_set_plans(sweep: SweepConfig) -> list[ExpertSetPlan]:
     """The expert sets a run of `sweep` (with absolute paths) makes, and what the store holds of them."""
-    from pad_ray.sweep import _expert_sets  # the run's own list, so that the plan cannot disagree with it
     from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
     plans = []
-    for key, (cfg, last_epoch, count) in _expert_sets(sweep).items():
+    for key, (cfg, last_epoch, count) in expert_sets(sweep).items():
         missing = len(TrajectoryStore(cfg.store_dir, cfg).missing(count))
         cache = DifficultyCache(cfg.store_dir, cfg)
         cached = bool(cfg.difficulty.index_file) or cache.load() is not None
@@ -346,9 +363,8 @@ def _memory_lines(sweep: SweepConfig) -> list[str]:
 def describe(sweep: SweepConfig, source: str) -> str:
     """The plan of a sweep (as `load_sweep` returns it): the lines `--dry-run` prints."""
     from pad_ray import files
-    from pad_ray.sweep import _absolute_base
 
-    sweep = _absolute_base(sweep)
+    sweep = with_absolute_base(sweep)
     first = _trial_configs(sweep)[0]
     # The run's own checks of its outputs, which create nothing.
     for key, where in (("storage_path", sweep.storage_path), ("base.output_dir", first.output_dir),

@@ -184,10 +184,6 @@ def distillation_window(trajectory: np.ndarray, last_epoch: int) -> np.ndarray:
     return np.concatenate([trajectory[: last_epoch + 1], trajectory[-1:]])
 
 
-def last_sampled_epoch(cfg: RunConfig) -> int:
-    return cfg.distill.max_start_epoch + cfg.distill.expert_epochs
-
-
 def put_trajectories(store: TrajectoryStore, count: int, last_epoch: int) -> list[ray.ObjectRef]:
     """Object-store copies (float32, owned by this driver) of each expert's distillation window;
     `last_epoch` is the latest epoch any trial using these experts samples."""

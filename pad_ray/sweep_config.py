@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from pad_ray.config import (PRESETS, ConfigError, RunConfig, Section, build_config, check_config, describe_errors,
-                            read_with_overrides)
+from pad_ray.config import (PRESETS, ConfigError, RunConfig, Section, absolute, build_config, check_config,
+                            describe_errors, read_with_overrides, with_absolute_paths)
 
 
 # The four PAD knobs by their short names; any other dotted config key may be swept too.
@@ -180,6 +180,16 @@ def finite_grid(sweep: SweepConfig, bound: int = 0) -> list[dict[str, Any]]:
         values = axis.values if axis.finite else axis.values[bound:bound + 1]
         combos = [{**c, key: v} for c in combos for v in values]
     return combos
+
+
+def with_absolute_base(sweep: SweepConfig) -> SweepConfig:
+    """Pin the base's paths to absolute ones here: trials run in other directories and processes."""
+    cfg = with_absolute_paths(trial_config(sweep, finite_grid(sweep)[0]))
+    base = {**sweep.base, "output_dir": cfg.output_dir, "store_dir": cfg.store_dir,
+            "data": {**sweep.base.get("data", {}), "root": cfg.data.root}}
+    if cfg.difficulty.index_file:
+        base["difficulty"] = {**sweep.base.get("difficulty", {}), "index_file": cfg.difficulty.index_file}
+    return sweep.model_copy(update={"base": base, "storage_path": absolute(sweep.storage_path)})
 
 
 def check_sweep(raw: Any, source: str = "sweep") -> tuple[SweepConfig | None, list[str]]:

@@ -294,13 +294,13 @@ def smoke_store(tmp_path_factory, mnist_root) -> Path:
     the cold sweep test checks against this store."""
     from pad_ray import local_stages
     from pad_ray.sweep_config import load_sweep
-    from pad_ray.sweep import _expert_sets
+    from pad_ray.plan import expert_sets
 
     store = tmp_path_factory.mktemp("smoke_store") / "store"
     sweep = load_sweep(SMOKE_SWEEP, {"base": {"data": {"root": str(mnist_root)}, "store_dir": str(store),
                                                "output_dir": str(store.parent / "runs")}})
     data = None
-    for cfg, _, count in _expert_sets(sweep).values():
+    for cfg, _, count in expert_sets(sweep).values():
         assert cfg.experts.num_experts == count
         data = data or local_stages.load_data(cfg)
         order = local_stages.difficulty_order(cfg, data, torch.device("cpu"), progress=False)

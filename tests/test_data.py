@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 from urllib.error import URLError
 
@@ -14,7 +17,6 @@ from PIL import Image
 from scipy.io import savemat
 from torchvision.datasets import KMNIST, MNIST, SVHN, FashionMNIST
 
-import pad_ray.data
 from pad_ray.data import (
     DATASETS,
     ZCA,
@@ -465,7 +467,7 @@ def test_download_cifar_fetches_the_official_binary_archive(tmp_path: Path, monk
         calls.append((url, md5))
         _write_cifar10(Path(download_root))
 
-    monkeypatch.setattr(pad_ray.data, "download_and_extract_archive", fetch)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", fetch)
     root = tmp_path / "data"
 
     assert download("cifar10", root) == root / "cifar-10-batches-bin"
@@ -480,7 +482,7 @@ def test_download_svhn_lands_where_the_loader_reads(tmp_path: Path, monkeypatch:
         urls.append(url)
         _write_svhn(Path(root), filename.split("_")[0], [1, 10])
 
-    monkeypatch.setattr(pad_ray.data, "download_url", fetch)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", fetch)
 
     assert download("svhn", tmp_path) == tmp_path / "SVHN"
     assert urls == [SVHN.split_list["train"][0], SVHN.split_list["test"][0]]
@@ -505,7 +507,7 @@ def test_download_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.Monkey
         raise URLError("no route to host")
 
     monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
-    monkeypatch.setattr(pad_ray.data, "download_and_extract_archive", offline)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
     for name in ("kmnist", "tinyimagenet"):
         with pytest.raises(DataError, match=re.escape(f"could not download {name} into {tmp_path}: ")) as caught:
             download(name, tmp_path)
@@ -692,3 +694,16 @@ def test_prepare_cifar10_zero_val_fraction(tmp_path: Path) -> None:
     assert dataset.class_names[3] == "cat" and (dataset.channels, dataset.image_size) == (3, 32)
     raw_train = load_raw("cifar10", tmp_path)[0]
     assert torch.allclose(dataset.to_pixels(dataset.train.images), raw_train, atol=1e-6)
+
+
+def test_a_worker_that_receives_a_split_does_not_import_torchvision(tmp_path: Path) -> None:
+    """Every Ray worker that unpickles a Split imports this module; torchvision (about 1.5 s of imports)
+    waits until a dataset is read."""
+    _write_cifar10(tmp_path, per_batch=4)
+    split = prepare("cifar10", tmp_path, val_fraction=0.0, zca=False, seed=0).train
+    (tmp_path / "split.pickle").write_bytes(pickle.dumps(split))
+    probe = ("import pickle, sys; split = pickle.loads(open(sys.argv[1], 'rb').read()); "
+             "print(type(split).__name__, len(split.labels), 'torchvision' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "split.pickle")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout.split() == ["Split", "20", "False"], result.stdout + result.stderr

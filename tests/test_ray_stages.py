@@ -137,10 +137,10 @@ def test_distillation_from_object_refs_equals_distillation_from_files(local_ray,
     data = tiny_dataset()
     from_files = local_stages.ensure_experts(cfg, data, _order(data), CPU, progress=False)
     store = TrajectoryStore(cfg.store_dir, cfg)
-    refs = ray_stages.put_trajectories(store, 2, ray_stages.last_sampled_epoch(cfg))
+    refs = ray_stages.put_trajectories(store, 2, cfg.distill.last_sampled_epoch)
     windows = ray.get(refs)
     assert windows[0].dtype == np.float32 and not windows[0].flags.writeable  # zero-copy, read-only
-    assert len(windows[0]) == ray_stages.last_sampled_epoch(cfg) + 2 or len(windows[0]) == len(from_files[0])
+    assert len(windows[0]) == cfg.distill.last_sampled_epoch + 2 or len(windows[0]) == len(from_files[0])
 
     a = distill(cfg, data, from_files, CPU, progress=False)
     b = distill(cfg, data, windows, CPU, progress=False)

@@ -392,7 +392,7 @@ def test_optuna_sweep_is_interrupted_and_resumes_with_its_study(sweep_home, warm
     """The shipped TPE sweep, shrunk to the smoke experts: a SIGTERM mid-sweep, then the same command."""
     from ray.tune.search.optuna import OptunaSearch
 
-    from pad_ray.sweep import _param_space
+    from pad_ray.tune_sweep import _param_space
 
     home = sweep_home
     sweep = yaml.safe_load((REPO / "sweeps" / "mnist-optuna.yaml").read_text())
@@ -510,10 +510,16 @@ def test_bad_sweep_exits_2_before_any_work(tmp_path, sweep_home):
     home = sweep_home
     path = tmp_path / "bad.yaml"
     path.write_text(SMOKE.read_text().replace("alpha: [0.0, 0.1, 0.2, 0.3]", "alpha: [0.0, 7]"))
-    result = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=120, cwd=REPO)
+    # `python -m pad_ray.sweep` as runpy runs it, then which of torch, Ray and MLflow it had imported: none,
+    # so that a typo is answered at once.
+    probe = ("import runpy, sys\ntry:\n    runpy.run_module('pad_ray.sweep', run_name='__main__')\nfinally:\n"
+             "    print(sorted({'torch', 'ray', 'mlflow'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120,
+                            cwd=REPO)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"pad_ray.sweep: error: {path}: trial {{'alpha': 7, 'ir': 0.5}}: "
                                                    "distill.alpha: Input should be less than 1 (got 7)"]
+    assert result.stdout.strip() == "[]"
     assert not home.exists()
 
 

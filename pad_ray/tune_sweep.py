@@ -1,0 +1,249 @@
+"""The sweep on Ray Tune: the driver (`run_sweep`: experts, object store, Tuner, MLflow, report) and
+the trial every Tune actor runs (`pad_trial`). `pad_ray.sweep` is the command; it imports this module
+only once the sweep file has passed its checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from pad_ray import files, local_stages, progress, ray_stages, report, rerun, tracking
+from pad_ray.config import RunConfig, to_dict
+from pad_ray.data import Dataset
+from pad_ray.distill import Distiller, distill
+from pad_ray.distilled import FILE_NAME as DISTILLED_FILE, save_distilled
+from pad_ray.plan import expert_sets
+from pad_ray.scheduling import GroupedASHA
+from pad_ray.sweep import INTERRUPTED
+from pad_ray.sweep_config import (REPEAT, SweepConfig, evaluations_by_group, finite_grid, trial_config,
+                                  with_absolute_base)
+from pad_ray.trajectories import TrajectoryStore
+
+PARENT_RUN_ENV = "PAD_RAY_MLFLOW_PARENT_RUN"
+
+
+# -- the trial --------------------------------------------------------------------------------
+
+def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: dict[int, ray.ObjectRef],
+              experts: dict[str, list[ray.ObjectRef]], threads: int) -> None:
+    """One PAD distillation, reporting (and checkpointing) at every evaluation. `data` holds one
+    object-store copy of the prepared dataset per data seed; trajectories are fetched zero-copy."""
+    torch.set_num_threads(threads)
+    cfg = trial_config(SweepConfig.model_validate(sweep), params)
+    device = ray_stages.task_device()
+    dataset = ray.get(data[cfg.data.seed])
+    store_key = TrajectoryStore(cfg.store_dir, cfg).key
+    trajectories = ray.get(experts[store_key])
+
+    state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = files.load_torch(Path(folder) / "state.pt")
+
+    def on_eval(distiller: Distiller, metrics: dict[str, Any]) -> None:
+        # Every checkpoint carries the current best set and its grid, so a trial that ASHA stops
+        # early still leaves them in MLflow.
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder)
+            distiller.save(out / "state.pt")
+            best = distiller.best_synthetic()
+            local_stages.save_synthetic(out / "synthetic_best.npz", best)
+            context = tune.get_context()
+            save_distilled(out / DISTILLED_FILE, best, dataset, cfg, {
+                "sweep": context.get_experiment_name(), "trial_id": context.get_trial_id(),
+                "trial_name": context.get_trial_name(), "best_iteration": distiller.best.iteration,
+                "best_val_accuracy": distiller.best.val})
+            local_stages.save_grid(out / "synthetic.png", best, dataset, cfg.distill.ipc)
+            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            if metrics["iteration"] == cfg.distill.iterations:
+                metrics.update(_final_evaluation(cfg, dataset, best, device))
+            metrics["expert_store_key"] = store_key  # which expert set this trial read (an MLflow tag)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    distill(cfg, dataset, trajectories, device, state=state, on_eval=on_eval, progress=False,
+            memory_share=ray_stages.task_memory_share(device))
+
+
+def _final_evaluation(cfg: RunConfig, data: Dataset, best, device: torch.device) -> dict[str, float]:
+    """`evaluate.num_nets` fresh nets of each architecture of `evaluate.models` on the best set (chosen
+    on validation), as `final_test_accuracy/resnet18`, ...; the first architecture listed is also the
+    trial's headline `final_test_accuracy`."""
+    evaluations = local_stages.final_evaluation(cfg, data, best, device)
+    named = {"": evaluations[cfg.evaluate.models[0]], **{f"/{name}": e for name, e in evaluations.items()}}
+    return {f"{metric}{suffix}": evaluation[field] for suffix, evaluation in named.items()
+            for metric, field in (("final_test_accuracy", "test_mean"), ("final_test_std", "test_std"),
+                                  ("final_val_accuracy", "val_mean"))}
+
+
+# -- the driver -------------------------------------------------------------------------------
+
+def _load_splits(sweep: SweepConfig) -> dict[int, Dataset]:
+    """One prepared dataset per data seed of the space: the split is what the experts train on."""
+    by_seed: dict[int, list[RunConfig]] = {}
+    for params in finite_grid(sweep, 0) + finite_grid(sweep, 1):
+        cfg = trial_config(sweep, params)
+        by_seed.setdefault(cfg.data.seed, []).append(cfg)
+    return {seed: local_stages.load_data(configs[0], max_ipc=max(c.distill.ipc for c in configs))
+            for seed, configs in by_seed.items()}
+
+
+def _param_space(sweep: SweepConfig) -> dict[str, Any]:
+    samplers = {"grid": tune.grid_search, "choice": tune.choice}
+    space = {}
+    for key, axis in sweep.space.items():
+        if axis.kind in samplers:
+            space[key] = samplers[axis.kind](list(axis.values))
+        else:
+            space[key] = getattr(tune, axis.kind)(*axis.values)
+    if sweep.num_samples > 1 and sweep.search.kind == "grid":
+        # Tune's own repeats would run identical trials; an index gives each repeat its own seed. Under
+        # random and optuna search num_samples is the number of draws instead (_tune_samples).
+        space[REPEAT] = tune.grid_search(list(range(sweep.num_samples)))
+    return space
+
+
+def _tune_samples(sweep: SweepConfig) -> int:
+    return 1 if sweep.search.kind == "grid" else sweep.num_samples
+
+
+def _search_alg(sweep: SweepConfig, seed: int):
+    """Tune's search algorithm for the sweep, holding its concurrency limit: TuneConfig's
+    max_concurrent_trials is ignored (with a warning) once a search algorithm is given."""
+    limit = sweep.max_concurrent_trials  # 0: as many as the cluster fits
+    if sweep.search.kind == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        # Tune saves the searcher's state (the study, TPE's random state) with the experiment and
+        # `Tuner.restore` loads it, so a resumed sweep goes on with the same study.
+        return ConcurrencyLimiter(OptunaSearch(metric=sweep.asha.metric, mode=sweep.asha.mode, seed=seed),
+                                  max_concurrent=min(sweep.search.concurrency, limit or sweep.search.concurrency))
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed, max_concurrent=limit)
+
+
+@dataclass
+class SweepRun:
+    results: tune.ResultGrid
+    unfinished: int  # trials that did not reach their end (an interrupted sweep), those never started included
+
+    @property
+    def exit_code(self) -> int:
+        """130 when interrupted; else 0 when at least one trial finished, 1 when every trial failed."""
+        if self.unfinished:
+            return INTERRUPTED
+        return 0 if any(r.error is None for r in self.results) else 1
+
+
+def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
+    """Run (or resume) a sweep; `rerun_as` says what to do when its folder holds a different sweep."""
+    # Everything that can be wrong with the input is checked before anything is written or trained.
+    sweep = with_absolute_base(sweep)
+    path = f"{sweep.storage_path}/{sweep.name}"
+    plan = rerun.plan(sweep, path, rerun_as, tune.Tuner.can_restore(path))
+    sweep = plan.sweep
+    first = trial_config(sweep, finite_grid(sweep)[0])
+    splits = _load_splits(sweep)
+    for key, where in (("storage_path", sweep.storage_path), ("base.output_dir", first.output_dir),
+                       ("base.store_dir", first.store_dir)):
+        files.check_writable(where, key)
+    uri = tracking.resolve_tracking_uri(sweep.mlflow.tracking_uri)
+    # Fail fast instead of MLflow's minutes of retries: the callback holds updates during an outage.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    tracking.check_reachable(uri)
+    client = MlflowClient(uri)
+    experiment_id = tracking.open_experiment(client, sweep.mlflow.experiment or sweep.name, uri)
+    if plan.move_aside:
+        rerun.move_aside(plan.move_aside)
+
+    context = ray.init(log_to_driver=True)
+    _stop_on_sigterm()  # after ray.init: Ray's core worker installs a SIGTERM handler of its own that exits
+    print(progress.addresses(tracking.ui_link(uri, experiment_id), context.dashboard_url), file=sys.stderr)
+    experts = {}
+    for key, (cfg, last_epoch, count) in expert_sets(sweep).items():
+        order = ray_stages.difficulty_order(cfg, splits[cfg.data.seed])
+        store = ray_stages.generate_experts(cfg, splits[cfg.data.seed], order)
+        quality = store.quality(count)
+        print(f"IR {cfg.schedule.init_ratio:g}, AEE {cfg.schedule.add_end_epoch}, data seed {cfg.data.seed}, "
+              f"expert seed {cfg.experts.seed}: {quality.line()}", file=sys.stderr)
+        tracking.log_expert_set(client, experiment_id, sweep.name, cfg, quality)
+        experts[key] = ray_stages.put_trajectories(store, count, last_epoch)
+
+    parent_id = tracking.reopen_parent(client, plan.parent_run_id)
+    if parent_id is None:
+        parent_id = client.create_run(experiment_id, run_name=f"{sweep.name} sweep",
+                                      tags={"sweep": sweep.name}).info.run_id
+        tracking.describe_sweep(client, parent_id, sweep, rerun.fingerprint(sweep))
+    rerun.write_record(path, sweep, parent_id)
+    os.environ[PARENT_RUN_ENV] = parent_id
+    max_t = evaluations_by_group(sweep)
+    threads = max(1, int(sweep.trial_resources.cpu))
+    trainable = tune.with_resources(
+        tune.with_parameters(pad_trial, sweep=sweep.model_dump(mode="json"),
+                             data={seed: ray.put(split) for seed, split in splits.items()}, experts=experts,
+                             threads=threads),
+        {"cpu": sweep.trial_resources.cpu, "gpu": sweep.trial_resources.gpu})
+    if tune.Tuner.can_restore(path):
+        # Finished and failed trials stay as they are; unfinished ones continue from their checkpoints.
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        callback = tracking.MlflowSweepCallback(uri, experiment_id, sweep.name, PARENT_RUN_ENV, max_t,
+                                                sweep.model_dump(mode="json"), held_path=f"{path}/mlflow_held.json")
+        seed = first.seed if sweep.search.seed is None else sweep.search.seed
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(sweep),
+            tune_config=tune.TuneConfig(
+                scheduler=GroupedASHA(sweep.group_by, max_t, metric=sweep.asha.metric, mode=sweep.asha.mode,
+                                      grace_period=sweep.asha.grace_period,
+                                      reduction_factor=sweep.asha.reduction_factor),
+                num_samples=_tune_samples(sweep), search_alg=_search_alg(sweep, seed),
+                reuse_actors=sweep.reuse_actors),
+            run_config=tune.RunConfig(
+                name=sweep.name, storage_path=sweep.storage_path, callbacks=[callback],
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+        )
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C skips Tune's own saving; the parent run still says so
+        tracking.end_parent(client, parent_id, partial=True)
+        raise
+    run = SweepRun(results, report.unfinished(results, sweep))
+    if run.unfinished:
+        print(f"pad_ray.sweep: interrupted: {run.unfinished} of {sweep.total_trials} trials did not finish; the "
+              f"results in {path} are partial (partial=true); run the same command again to resume",
+              file=sys.stderr)
+    try:
+        report.summarize(results, sweep, path, client, parent_id, partial=bool(run.unfinished))
+        tracking.end_parent(client, parent_id, partial=bool(run.unfinished))
+    except (MlflowException, OSError) as exc:  # requests' errors are OSErrors
+        # The callback has said so already when it holds updates; then this is the same outage.
+        if not files.exists(f"{path}/mlflow_held.json"):
+            print(f"pad_ray.sweep: error: MLflow at {uri} is unreachable ({str(exc).splitlines()[0][:200]}); the "
+                  f"results table and best config are in {path} but not in MLflow (rerun the same command once "
+                  "the server is back to log them)", file=sys.stderr)
+        return run
+    print(f"MLflow: {tracking.ui_link(uri, experiment_id)}", file=sys.stderr)
+    return run
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`) stops the sweep as Ctrl-C does: Tune saves its state and the
+    parent run is marked KILLED, instead of the process dying mid-write."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
