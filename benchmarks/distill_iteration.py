@@ -386,16 +386,21 @@ def summarize(rows: list[dict]) -> dict:
     out["min_fraction_of_plain"] = {label: round(min(r["fraction_of_plain"] for r in measured
                                                      if r["label"] == label), 3)
                                     for label in dict.fromkeys(r["label"] for r in measured)}
-    auto_vs_best = {}
+    auto_vs_best, ends_missing = {}, {}
     for r in measured:
         if r["label"] != "auto":
             continue
-        ends = [e["s_per_iter"] for e in measured if e["label"] in ("unrolled", "constant_memory")
-                and (e["ipc"], e["batch"], e["steps"]) == (r["ipc"], r["batch"], r["steps"])]
-        if len(ends) == 2:
-            auto_vs_best[f"ipc{r['ipc']} N{r['steps']}"] = round(r["s_per_iter"] / min(ends), 3)
+        ends = {e["label"]: e["s_per_iter"] for e in measured if e["label"] in ("unrolled", "constant_memory")
+                and (e["ipc"], e["batch"], e["steps"]) == (r["ipc"], r["batch"], r["steps"])}
+        row = f"ipc{r['ipc']} N{r['steps']}"
+        if ends:
+            auto_vs_best[row] = round(r["s_per_iter"] / min(ends.values()), 3)
+        if len(ends) < 2:  # an end that did not fit (unrolled at N 80) or was not asked for: against the other
+            ends_missing[row] = sorted({"unrolled", "constant_memory"} - set(ends))
     if auto_vs_best:
         out["auto_time_vs_better_end"] = auto_vs_best
+    if ends_missing:
+        out["auto_ends_not_measured"] = ends_missing
     return out
 
 
