@@ -8,7 +8,8 @@ from pad_ray.config import (PRESET_DIR, PRESETS, ConfigError, DataConfig, build_
                             with_absolute_paths)
 from pad_ray.data import DATASETS
 
-# Every preset resolved by the Python dicts that the preset files replaced, recorded once.
+# Every preset resolved by the Python dicts that the preset files replaced, recorded once; an entry changes
+# only with its own preset file (mnist-ipc10/50: experts in batches of 512, BENCHMARKS.md section 6).
 RESOLVED = json.loads((Path(__file__).with_name("fixtures") / "presets_resolved.json").read_text())
 
 
@@ -59,7 +60,15 @@ def test_syn_lr_starts_at_the_experts_lr_unless_the_config_gives_one():
     given = {"preset": "smoke", "experts": {"lr": 0.03}, "distill": {"lr_teacher": 0.02}}
     assert build_config(given).distill.lr_teacher == 0.02
     mnist = build_config({"preset": "mnist-ipc10"})
-    assert mnist.distill.lr_teacher == mnist.experts.lr == 0.05
+    assert mnist.distill.lr_teacher == mnist.experts.lr == 0.1
+
+
+def test_mnist_ipc10_and_ipc50_share_one_expert_set_and_ipc1_keeps_its_own():
+    # BENCHMARKS.md section 6: IPC 1 scores 5 points lower on the whole-split experts, so it keeps its own.
+    from pad_ray.trajectories import expert_identity
+
+    ipc1, ipc10, ipc50 = (expert_identity(build_config({"preset": f"mnist-ipc{n}"})) for n in (1, 10, 50))
+    assert ipc10 == ipc50 and ipc1 != ipc10
 
 
 def test_file_values_override_the_preset():
