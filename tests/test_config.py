@@ -9,7 +9,7 @@ from pad_ray.config import (PRESET_DIR, PRESETS, ConfigError, DataConfig, build_
 from pad_ray.data import DATASETS
 
 # Every preset resolved by the Python dicts that the preset files replaced, recorded once; an entry changes
-# only with its own preset file (mnist-ipc10/50: experts in batches of 512, BENCHMARKS.md section 6).
+# only with its own preset file (mnist-ipc10/50: experts in batches of 1,024, BENCHMARKS.md section 6).
 RESOLVED = json.loads((Path(__file__).with_name("fixtures") / "presets_resolved.json").read_text())
 
 
@@ -60,7 +60,7 @@ def test_syn_lr_starts_at_the_experts_lr_unless_the_config_gives_one():
     given = {"preset": "smoke", "experts": {"lr": 0.03}, "distill": {"lr_teacher": 0.02}}
     assert build_config(given).distill.lr_teacher == 0.02
     mnist = build_config({"preset": "mnist-ipc10"})
-    assert mnist.distill.lr_teacher == mnist.experts.lr == 0.1
+    assert mnist.distill.lr_teacher == mnist.experts.lr == 0.14
 
 
 def test_mnist_ipc10_and_ipc50_share_one_expert_set_and_ipc1_keeps_its_own():
