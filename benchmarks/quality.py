@@ -59,6 +59,10 @@ def run_config(p: dict):
     return build_config(raw, f"quality row {p['row']}")
 
 
+_HISTORY = ("iteration", "val_accuracy", "test_accuracy", "skipped", "syn_lr", "start_val_accuracy",
+            "start_test_accuracy")
+
+
 def child(p: dict) -> dict:
     from pad_ray import local_stages
     from pad_ray.distill import Distiller, distill
@@ -92,10 +96,13 @@ def child(p: dict) -> dict:
         if p["row"] == "start":
             synthetic = Distiller(cfg, data, trajectories, dev).synthetic()
         else:
-            distiller = distill(cfg, data, trajectories, dev)
+            # The run's own evaluations (`eval_nets` nets): what validation chose the best set from.
+            history = []
+            distiller = distill(cfg, data, trajectories, dev, on_eval=lambda _, m: history.append(
+                {k: m[k] for k in _HISTORY if k in m}))
             synthetic = distiller.best_synthetic()
             row.update(iterations=distiller.iteration, skipped=distiller.skipped, distill_s=distiller.elapsed,
-                       best_iteration=distiller.best.iteration)
+                       best_iteration=distiller.best.iteration, evaluations=history)
         tests = local_stages.final_evaluation(cfg, data, synthetic, dev)[cfg.model.name]["test"]
         row.update(test=tests, nets=len(tests))
     mean, std = Scores.summary(row["test"])
