@@ -366,8 +366,8 @@ class MlflowSweepCallback(Callback):
         elif update.kind == "complete":
             for path in update.payload["artifacts"]:
                 self.client.log_artifact(run_id, path)
-            for path in update.payload["artifacts"]:
-                Path(path).unlink(missing_ok=True)
+            for folder in {Path(path).parent for path in update.payload["artifacts"]}:
+                shutil.rmtree(folder, ignore_errors=True)
             self._batch(run_id, tags=[RunTag("stopped_early", str(update.payload["stopped_early"]).lower())])
             self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
         else:
@@ -425,7 +425,10 @@ def _copies_of(checkpoint, endings: tuple[str, ...]) -> list[str]:
         for path in sorted(Path(folder).iterdir()):
             if path.name.endswith(endings):
                 shutil.copy2(path, keep / path.name)
-    return [str(p) for p in sorted(keep.iterdir())]
+    copies = [str(p) for p in sorted(keep.iterdir())]
+    if not copies:
+        keep.rmdir()
+    return copies
 
 
 def _error_reason(trial) -> str:

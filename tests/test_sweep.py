@@ -106,8 +106,12 @@ def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config
     sweep["space"] = {"ipc": [1, 2], "alpha": [0.0, 0.1, 0.2, 0.3]}
     path = tmp_path / "ipcs.yaml"
     path.write_text(yaml.safe_dump(sweep))
-    result = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
+    driver_tmp = tmp_path / "driver_tmp"  # where the driver stages artefacts for MLflow
+    driver_tmp.mkdir()
+    result = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO,
+                            env={**os.environ, "TMPDIR": str(driver_tmp)})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(driver_tmp.glob("pad_ray_artifacts_*"))  # every staged copy went once logged
 
     _, trials, _ = children(sweep_home, "ipcs")
     out = sweep_home / "sweeps" / "ipcs"
