@@ -59,8 +59,8 @@ def run_config(p: dict):
     return build_config(raw, f"quality row {p['row']}")
 
 
-_HISTORY = ("iteration", "val_accuracy", "test_accuracy", "skipped", "syn_lr", "start_val_accuracy",
-            "start_test_accuracy")
+_HISTORY = ("iteration", "val_accuracy", "test_accuracy", "skipped", "clipped", "syn_lr",
+            "start_val_accuracy", "start_test_accuracy")
 
 
 def child(p: dict) -> dict:
@@ -101,7 +101,8 @@ def child(p: dict) -> dict:
             distiller = distill(cfg, data, trajectories, dev, on_eval=lambda _, m: history.append(
                 {k: m[k] for k in _HISTORY if k in m}))
             synthetic = distiller.best_synthetic()
-            row.update(iterations=distiller.iteration, skipped=distiller.skipped, distill_s=distiller.elapsed,
+            row.update(iterations=distiller.iteration, skipped=distiller.skipped, clipped=distiller.clipped,
+                       distill_s=distiller.elapsed,
                        best_iteration=distiller.best.iteration, evaluations=history)
         tests = local_stages.final_evaluation(cfg, data, synthetic, dev)[cfg.model.name]["test"]
         row.update(test=tests, nets=len(tests))
@@ -153,7 +154,7 @@ def main() -> int:
             common.write_results(name, args.quick, {**meta, "complete": False}, rows, _margins(rows))
     columns = [("ipc", "IPC"), ("row", "row"), ("test_mean", "test acc %"), ("test_std", "std"), ("nets", "nets"),
                ("expert_test_accuracy", "expert acc"), ("iterations", "iters"), ("skipped", "skipped"),
-               ("distill_s", "distill s"), ("child_wall_s", "wall s")]
+               ("clipped", "clipped"), ("distill_s", "distill s"), ("child_wall_s", "wall s")]
     common.report(name, args.quick, {**meta, "complete": True}, rows, columns, _margins(rows))
     return 0
 

@@ -125,6 +125,9 @@ class DistillConfig(Section):
     momentum_lr: float = Field(0.5, ge=0, lt=1)
     momentum_y: float = Field(0.9, ge=0, lt=1)
     threshold: float = Field(1.0, gt=0)
+    # Clip each outer gradient (images, labels, syn_lr) to this many times the running average of its own
+    # norm (pad_ray/clipping.py): the rare exploding step of unrolled matching. None: the released code.
+    clip_ratio: float | None = Field(None, gt=1)
     iterations: int = Field(10000, ge=0)
     eval_every: int = Field(500, ge=1)
     eval_nets: int = Field(1, ge=1)  # nets per evaluation during distillation (DATM uses 1)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from pad_ray import files
 from pad_ray.augment import dsa_if
+from pad_ray.clipping import AdaptiveClip
 from pad_ray.config import ConfigError, RunConfig
 from pad_ray.data import Dataset
 from pad_ray.evaluate import Scores, SyntheticSet, evaluate
@@ -117,6 +118,8 @@ class StepStats:
     syn_lr: float
     expert: int
     start_epoch: int
+    grad_norm: float  # of the images' outer gradient before any clipping: where an exploding step shows
+    clipped: bool
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,8 @@ class Distiller:
 
         self.iteration = 0
         self.skipped = 0
+        self.clip = AdaptiveClip(d.clip_ratio) if d.clip_ratio is not None else None
+        self.clipped = 0
         self.elapsed = 0.0  # seconds spent in outer iterations, across resumptions
         self.expert_order = torch.empty(0, dtype=torch.long)
         self.expert_cursor = 0
@@ -208,20 +213,24 @@ class Distiller:
                                  plan, self.dsa, d.alpha, d.selection)
         if not math.isfinite(matched.loss):
             raise DivergenceError(f"matching loss is {matched.loss} at iteration {self.iteration}")
-        skipped = matched.loss > d.threshold
+        skipped, clipped = matched.loss > d.threshold, False
+        grad_norm = matched.grad_images.norm().item()
         if skipped:
             self.skipped += 1
         else:
-            for tensor, grad, opt in ((self.images, matched.grad_images, self.opt_images),
-                                      (self.labels, matched.grad_labels, self.opt_labels),
-                                      (self.syn_lr, matched.grad_lr, self.opt_lr)):
+            grads = [matched.grad_images, matched.grad_labels, matched.grad_lr]
+            if self.clip is not None:
+                grads, clipped = self.clip(grads)
+                self.clipped += clipped
+            for tensor, grad, opt in zip((self.images, self.labels, self.syn_lr), grads,
+                                         (self.opt_images, self.opt_labels, self.opt_lr)):
                 tensor.grad = grad
                 opt.step()
         lr = self.syn_lr.item()
         if not (math.isfinite(lr) and lr > 0):
             raise DivergenceError(f"syn_lr became {lr} at iteration {self.iteration}")
         self.iteration += 1
-        return StepStats(self.iteration, matched.loss, skipped, lr, expert, start_epoch)
+        return StepStats(self.iteration, matched.loss, skipped, lr, expert, start_epoch, grad_norm, clipped)
 
     # -- results, evaluation, checkpoints -----------------------------------------------------
 
@@ -259,6 +268,7 @@ class Distiller:
             "opt_images": self.opt_images.state_dict(), "opt_labels": self.opt_labels.state_dict(),
             "opt_lr": self.opt_lr.state_dict(), "generator": self.gen.get_state(),
             "iteration": self.iteration, "skipped": self.skipped, "elapsed": self.elapsed,
+            **({"clip": self.clip.state_dict(), "clipped": self.clipped} if self.clip is not None else {}),
             "expert_order": self.expert_order,
             "expert_cursor": self.expert_cursor, "num_experts": len(self.trajectories),
             "best": self.best.state_dict(),
@@ -279,6 +289,9 @@ class Distiller:
         self.gen.set_state(state["generator"])
         self.iteration, self.skipped, self.elapsed = state["iteration"], state["skipped"], state["elapsed"]
         self.expert_order, self.expert_cursor = state["expert_order"], state["expert_cursor"]
+        if self.clip is not None and "clip" in state:
+            self.clip.load_state_dict(state["clip"])
+            self.clipped = state["clipped"]
         self.best = Best.from_state_dict(state["best"])
         if isinstance(self.gradients, AutoPath) and "graph_budget" in state:
             self.gradients.budget.load_state_dict(state["graph_budget"])
@@ -322,6 +335,7 @@ def distill(cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], d
             val, test = distiller.evaluate_summary()
             distiller.record_best(val)
             metrics = {"iteration": stats.iteration, "loss": stats.loss, "skipped": distiller.skipped,
+                       "clipped": distiller.clipped,
                        "syn_lr": stats.syn_lr, "val_accuracy": val, "test_accuracy": test,
                        "best_val_accuracy": distiller.best.val, "best_iteration": distiller.best.iteration,
                        "distill_time_s": distiller.elapsed,

@@ -38,7 +38,7 @@ from pad_ray.trajectories import ExpertQuality
 _NOT_METRICS = {"steps", "expert_store_key", "iteration", "done", "trial_id", "experiment_tag", "date", "hostname",
                 "node_ip", "pid", "timestamp", "config", "time_this_iter_s", "time_total_s", "time_since_restore",
                 "iterations_since_restore", "training_iteration", "should_checkpoint", "checkpoint_dir_name"}
-_PER_STEP = ("loss", "skipped", "syn_lr", "start_epoch")
+_PER_STEP = ("loss", "skipped", "clipped", "grad_norm", "syn_lr", "start_epoch")
 _EVALUATION_METRIC = "val_accuracy"  # reported at every evaluation, stepped by iteration
 _TAGS = ("expert_store_key",)  # reported strings that become tags of the trial's run
 _MAX_METRICS = 1000  # MLflow's limit per log_batch call

@@ -103,10 +103,12 @@ def test_non_positive_lr_raises_divergence(tiny):
 
 # auto: the budget rides in the checkpoint, or the resumed run measures again, keeps one step where the
 # straight run keeps all, and rounds differently (1.2e-7 in the images).
-@pytest.mark.parametrize("gradient", ["unrolled", "auto"])
-def test_checkpoint_resume_gives_the_same_result(tiny, tmp_path, gradient):
+# clip: its running averages ride in the checkpoint too; at ratio 1.01 most steps clip.
+@pytest.mark.parametrize("options", [{"gradient": "unrolled"}, {"gradient": "auto"},
+                                     {"gradient": "unrolled", "clip_ratio": 1.01}])
+def test_checkpoint_resume_gives_the_same_result(tiny, tmp_path, options):
     _, data, _, trajectories = tiny
-    cfg = tiny_config(distill={"gradient": gradient})
+    cfg = tiny_config(distill=options)
     straight = Distiller(cfg, data, trajectories, CPU)
     _run(straight, 4)
 
@@ -118,6 +120,7 @@ def test_checkpoint_resume_gives_the_same_result(tiny, tmp_path, gradient):
     _run(resumed, 2)
     _same_state(straight, resumed)
     assert resumed.expert_cursor == straight.expert_cursor
+    assert resumed.clipped == straight.clipped and (straight.clipped > 0) == ("clip_ratio" in options)
 
 
 def test_distill_resumes_from_its_checkpoint_file(tiny, tmp_path):

@@ -95,6 +95,8 @@ def assert_each_step_once(client, run, eval_every: int = 4) -> int:
     assert evaluations == list(range(eval_every, eval_every * len(evaluations) + 1, eval_every)), evaluations
     losses = sorted(m.step for m in client.get_metric_history(run.info.run_id, "step_loss"))
     assert losses == list(range(1, eval_every * len(evaluations) + 1)), losses
+    norms = client.get_metric_history(run.info.run_id, "step_grad_norm")
+    assert sorted(m.step for m in norms) == losses and all(m.value > 0 for m in norms)
     return len(evaluations)
 
 
