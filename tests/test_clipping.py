@@ -66,10 +66,15 @@ def _exploding(distiller: Distiller, at: int, factor: float) -> None:
 
 
 def test_an_exploding_step_moves_the_images_no_further_than_the_bound_allows(tiny):
+    check_an_exploding_step_is_bounded(tiny, CPU)
+
+
+def check_an_exploding_step_is_bounded(tiny, device: torch.device) -> None:
+    """Also run on CUDA by tests/test_cuda.py."""
     _, data, _, trajectories = tiny
     moves = {}
     for ratio in (None, 3.0):
-        d = Distiller(tiny_config(distill={"clip_ratio": ratio, "iterations": 6}), data, trajectories, CPU)
+        d = Distiller(tiny_config(distill={"clip_ratio": ratio, "iterations": 6}), data, trajectories, device)
         _exploding(d, at=4, factor=1e4)
         for _ in range(4):
             d.step()

@@ -24,6 +24,7 @@ from pad_ray.experts import train_expert
 from pad_ray.models import seeded_model
 from pad_ray.runtime import cuda_unusable_reason, derive_seed, peak_memory_mb
 from test_augment import draws_equal, gen, images
+from test_clipping import check_an_exploding_step_is_bounded
 from test_matching import check_two_pass_equals_unrolled
 
 # is_available() does not initialise CUDA, so a GPU machine's test process stays uninitialised until a test runs.
@@ -78,6 +79,10 @@ def test_short_distillation_on_cuda_draws_what_the_cpu_run_draws(tiny, gradient)
     # The first step starts from the same set, so only the arithmetic separates the two losses.
     assert reports["cuda"][0]["steps"][0]["loss"] == pytest.approx(reports["cpu"][0]["steps"][0]["loss"], rel=1e-4)
     assert on_cuda.iteration == on_cpu.iteration == cfg.distill.iterations
+
+
+def test_an_exploding_step_on_cuda_is_clipped_to_its_bound(tiny):
+    check_an_exploding_step_is_bounded(tiny, CUDA)
 
 
 def test_initial_set_on_cuda_is_the_cpu_one(tiny):
