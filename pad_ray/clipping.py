@@ -17,6 +17,11 @@ from typing import Any
 import torch
 
 
+def norms_of(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The gradients' L2 norms as one float64 CPU tensor: a single device transfer per step."""
+    return torch.stack([g.detach().norm() for g in grads]).double().cpu()
+
+
 class AdaptiveClip:
     """Scale each gradient down to at most `ratio` times the running average of its own earlier norms.
 
@@ -30,8 +35,8 @@ class AdaptiveClip:
         self.ratio = ratio
         self.average: torch.Tensor | None = None
 
-    def __call__(self, grads: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
-        norms = torch.stack([g.detach().norm() for g in grads]).double().cpu()
+    def __call__(self, grads: Sequence[torch.Tensor], norms: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+        """`norms`: `norms_of(grads)`, which the caller also logs."""
         if self.average is None:
             self.average = norms
             return list(grads), False

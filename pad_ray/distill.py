@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pad_ray import files
 from pad_ray.augment import dsa_if
-from pad_ray.clipping import AdaptiveClip
+from pad_ray.clipping import AdaptiveClip, norms_of
 from pad_ray.config import ConfigError, RunConfig
 from pad_ray.data import Dataset
 from pad_ray.evaluate import Scores, SyntheticSet, evaluate
@@ -214,13 +214,13 @@ class Distiller:
         if not math.isfinite(matched.loss):
             raise DivergenceError(f"matching loss is {matched.loss} at iteration {self.iteration}")
         skipped, clipped = matched.loss > d.threshold, False
-        grad_norm = matched.grad_images.norm().item()
+        grads = [matched.grad_images, matched.grad_labels, matched.grad_lr]
+        norms = norms_of(grads)
         if skipped:
             self.skipped += 1
         else:
-            grads = [matched.grad_images, matched.grad_labels, matched.grad_lr]
             if self.clip is not None:
-                grads, clipped = self.clip(grads)
+                grads, clipped = self.clip(grads, norms)
                 self.clipped += clipped
             for tensor, grad, opt in zip((self.images, self.labels, self.syn_lr), grads,
                                          (self.opt_images, self.opt_labels, self.opt_lr)):
@@ -230,7 +230,7 @@ class Distiller:
         if not (math.isfinite(lr) and lr > 0):
             raise DivergenceError(f"syn_lr became {lr} at iteration {self.iteration}")
         self.iteration += 1
-        return StepStats(self.iteration, matched.loss, skipped, lr, expert, start_epoch, grad_norm, clipped)
+        return StepStats(self.iteration, matched.loss, skipped, lr, expert, start_epoch, float(norms[0]), clipped)
 
     # -- results, evaluation, checkpoints -----------------------------------------------------
 
