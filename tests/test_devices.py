@@ -72,7 +72,7 @@ def test_expert_worker_on_an_unusable_gpu_fails_with_the_reason(fake_gpu_ray, tm
 def test_sweep_trial_on_an_unusable_gpu_fails_with_the_reason(fake_gpu_ray, tmp_path):
     from ray import tune
 
-    from pad_ray.tune_sweep import pad_trial
+    from pad_ray.trial import pad_trial
 
     sweep = SweepConfig.model_validate({"name": "gpu", "base": to_dict(_gpu_config(tmp_path)),
                                         "space": {"alpha": {"kind": "grid", "values": [0.1]}}})
