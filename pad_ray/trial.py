@@ -22,8 +22,6 @@ from pad_ray.sweep_config import SweepConfig, trial_config
 from pad_ray.trajectories import TrajectoryStore
 
 
-# -- the trial --------------------------------------------------------------------------------
-
 def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: dict[int, ray.ObjectRef],
               experts: dict[str, list[ray.ObjectRef]], threads: int) -> None:
     """One PAD distillation, reporting (and checkpointing) at every evaluation. `data` holds one

@@ -17,6 +17,14 @@ def test_importing_the_package_loads_no_torch_ray_or_mlflow():
     assert loaded == "[]"
 
 
+def test_a_trial_process_loads_no_mlflow_or_plotting():
+    """Tune unpickles `pad_trial` by its module in every trial actor; the driver's MLflow and the report's
+    plotting stay in the driver."""
+    loaded = _python("import sys, pad_ray.trial; "
+                     "print(sorted({'mlflow', 'matplotlib', 'pad_ray.tracking', 'pad_ray.report'} & set(sys.modules)))")
+    assert loaded == "[]"
+
+
 def test_every_export_resolves():
     from pad_ray.config import load_config
     from pad_ray.distill import Distiller
