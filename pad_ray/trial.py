@@ -1,6 +1,6 @@
 """The trial every Tune actor runs: one PAD distillation that reports (and checkpoints) at each
 evaluation. Kept apart from the driver (`pad_ray.tune_sweep`) so that an actor imports only what a
-trial needs, not MLflow, pandas or matplotlib: each trial process starts that much sooner."""
+trial needs, not MLflow or matplotlib: each trial process starts that much sooner."""
 
 from __future__ import annotations
 
