@@ -84,7 +84,7 @@ def _experts_on_ray(stage: str, cfg: RunConfig, data) -> tuple[list, list]:
     order = ray_stages.difficulty_order(cfg, data)
     if stage == "scores":
         return order, []
-    store = ray_stages.generate_experts(cfg, data, order)
+    (store,) = ray_stages.generate_experts([ray_stages.ExpertSet(cfg, data, order)])
     return order, [store.load(i) for i in range(cfg.experts.num_experts)]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -118,63 +119,97 @@ def _split_on(arrays: tuple[np.ndarray, np.ndarray], device: torch.device) -> Sp
                  torch.arange(len(labels)))
 
 
+@dataclass
+class ExpertSet:
+    """One expert set to complete: its config (the store key), the data it trains on, and the data's
+    difficulty order."""
+
+    cfg: RunConfig
+    data: Dataset
+    order: list[torch.Tensor]
+
+
 def _expert_worker(loop: dict[str, Any]) -> None:
-    """One Ray Train worker: train this rank's share of the missing experts into the store."""
+    """One Ray Train worker: train this rank's share of every set's missing experts into the store."""
     from ray.experimental.tqdm_ray import tqdm
 
     context = ray.train.get_context()
     torch.set_num_threads(loop["threads"])
-    cfg = RunConfig.model_validate(loop["config"])
     device = task_device()
-    splits = local_stages.ExpertSplits(*(_split_on(ray.get(ref), device) for ref in loop["splits"]))
-    order = [torch.from_numpy(o.copy()) for o in ray.get(loop["order"])]
-    store = TrajectoryStore(cfg.store_dir, cfg)
-    for index in loop["missing"][context.get_world_rank()::context.get_world_size()]:
+    splits: dict[int, local_stages.ExpertSplits] = {}  # by data: sets on the same data share one copy
+    for set_index, index in loop["work"][context.get_world_rank()::context.get_world_size()]:
+        job = loop["sets"][set_index]
+        cfg = RunConfig.model_validate(job["config"])
+        store = TrajectoryStore(cfg.store_dir, cfg)
         if store.is_valid(index):  # finished before a restart
             continue
-        bar = tqdm(total=cfg.experts.epochs, desc=f"expert {index}")
-        local_stages.produce_expert(cfg, store, index, splits, order, loop["num_classes"], device,
+        if job["data"] not in splits:
+            splits[job["data"]] = local_stages.ExpertSplits(
+                *(_split_on(ray.get(ref), device) for ref in loop["splits"][job["data"]]))
+        order = [torch.from_numpy(o.copy()) for o in ray.get(job["order"])]
+        bar = tqdm(total=cfg.experts.epochs, desc=f"{store.key} expert {index}")
+        local_stages.produce_expert(cfg, store, index, splits[job["data"]], order, job["num_classes"], device,
                                     on_epoch=lambda epoch, loss: bar.update(1))
         bar.close()
 
 
-def generate_experts(cfg: RunConfig, data: Dataset, order: list[torch.Tensor]) -> TrajectoryStore:
-    """Train the experts the store lacks on Ray Train; returns the store (complete)."""
+def generate_experts(sets: list[ExpertSet]) -> list[TrajectoryStore]:
+    """Train the experts the sets' stores lack in one Ray Train run; returns their stores (complete).
+
+    One run for all sets: each run pays Ray Train's start-up (about 15 s here, minutes where the
+    autoscaler adds nodes), and pooling the experts keeps every worker busy when one set alone has
+    fewer missing experts than there are workers.
+    """
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    check_schedule(order, cfg.schedule, cfg.experts.epochs)
-    store = TrajectoryStore(cfg.store_dir, cfg)
-    missing = store.missing(cfg.experts.num_experts)
-    if not missing:
-        return store
-    gpu = use_gpu(cfg)
-    workers = min(cfg.resources.workers, len(missing))
+    stores = [TrajectoryStore(s.cfg.store_dir, s.cfg) for s in sets]
+    for job in sets:
+        check_schedule(job.order, job.cfg.schedule, job.cfg.experts.epochs)
+    missing = [store.missing(job.cfg.experts.num_experts) for job, store in zip(sets, stores)]
+    work = [(set_index, index) for set_index, indices in enumerate(missing) for index in indices]
+    if not work:
+        return stores
+    first = sets[0].cfg
+    for job in sets[1:]:
+        if (job.cfg.resources, job.cfg.output_dir) != (first.resources, first.output_dir):
+            raise ValueError("expert sets trained in one run share resources and output_dir")
+    gpu = use_gpu(first)
+    workers = min(first.resources.workers, len(work))
     # The workers' per-expert bars (tqdm_ray) reach this driver's output once they start; this says what comes.
-    print(f"experts {store.key}: training {len(missing)} of {cfg.experts.num_experts} experts "
-          f"({cfg.experts.epochs} epochs each) on {workers} Ray Train worker(s)", file=sys.stderr)
-    loop = {
-        "config": to_dict(cfg), "missing": missing, "num_classes": data.num_classes,
-        "threads": cfg.resources.cpus_per_worker,
-        # Experts train on train and are measured on val and test (their stored quality).
-        "splits": [ray.put((s.images.numpy(), s.labels.numpy())) for s in (data.train, data.val, data.test)],
-        "order": ray.put([o.numpy() for o in order]),
-    }
-    resources = {"CPU": cfg.resources.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    for job, store, indices in zip(sets, stores, missing):
+        if indices:
+            print(f"experts {store.key}: training {len(indices)} of {job.cfg.experts.num_experts} experts "
+                  f"({job.cfg.experts.epochs} epochs each)", file=sys.stderr)
+    print(f"experts: {len(work)} on {workers} Ray Train worker(s)", file=sys.stderr)
+    data_refs: dict[int, int] = {}  # id(data) -> its index in loop["splits"]
+    splits, jobs = [], []
+    for job in sets:
+        if id(job.data) not in data_refs:
+            data_refs[id(job.data)] = len(splits)
+            # Experts train on train and are measured on val and test (their stored quality).
+            splits.append([ray.put((s.images.numpy(), s.labels.numpy()))
+                           for s in (job.data.train, job.data.val, job.data.test)])
+        jobs.append({"config": to_dict(job.cfg), "num_classes": job.data.num_classes, "data": data_refs[id(job.data)],
+                     "order": ray.put([o.numpy() for o in job.order])})
+    keys = [store.key for store, indices in zip(stores, missing) if indices]
+    name = f"experts-{keys[0]}" + (f"-and-{len(keys) - 1}-more" if len(keys) > 1 else "")
+    resources = {"CPU": first.resources.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     trainer = TorchTrainer(
         _expert_worker,
-        train_loop_config=loop,
+        train_loop_config={"sets": jobs, "splits": splits, "work": work, "threads": first.resources.cpus_per_worker},
         torch_config=TorchConfig(backend="gloo"),  # experts are independent: no collectives, no NCCL
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker=resources),
-        run_config=TrainRunConfig(name=f"experts-{store.key}", storage_path=f"{cfg.output_dir}/ray_train",
-                                  failure_config=FailureConfig(max_failures=cfg.resources.max_failures)),
+        run_config=TrainRunConfig(name=name, storage_path=f"{first.output_dir}/ray_train",
+                                  failure_config=FailureConfig(max_failures=first.resources.max_failures)),
     )
     trainer.fit()
-    still_missing = store.missing(cfg.experts.num_experts)
-    if still_missing:
-        raise RuntimeError(f"expert generation finished but experts {still_missing} are not in {store.dir}")
-    return store
+    for job, store in zip(sets, stores):
+        still_missing = store.missing(job.cfg.experts.num_experts)
+        if still_missing:
+            raise RuntimeError(f"expert generation finished but experts {still_missing} are not in {store.dir}")
+    return stores
 
 
 def distillation_window(trajectory: np.ndarray, last_epoch: int) -> np.ndarray:

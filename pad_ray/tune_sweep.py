@@ -112,10 +112,12 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
     context = ray.init(log_to_driver=True)
     _stop_on_sigterm()  # after ray.init: Ray's core worker installs a SIGTERM handler of its own that exits
     print(progress.addresses(tracking.ui_link(uri, experiment_id), context.dashboard_url), file=sys.stderr)
+    sets = expert_sets(sweep)
+    stores = ray_stages.generate_experts([
+        ray_stages.ExpertSet(cfg, splits[cfg.data.seed], ray_stages.difficulty_order(cfg, splits[cfg.data.seed]))
+        for cfg, _, _ in sets.values()])
     experts = {}
-    for key, (cfg, last_epoch, count) in expert_sets(sweep).items():
-        order = ray_stages.difficulty_order(cfg, splits[cfg.data.seed])
-        store = ray_stages.generate_experts(cfg, splits[cfg.data.seed], order)
+    for (key, (cfg, last_epoch, count)), store in zip(sets.items(), stores):
         quality = store.quality(count)
         print(f"IR {cfg.schedule.init_ratio:g}, AEE {cfg.schedule.add_end_epoch}, data seed {cfg.data.seed}, "
               f"expert seed {cfg.experts.seed}: {quality.line()}", file=sys.stderr)

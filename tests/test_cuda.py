@@ -160,7 +160,7 @@ def test_expert_on_ray_train_with_a_gpu(tmp_path, ray_cluster_with_a_gpu):
                                       CPU, progress=False)
     ray.init(address=ray_cluster_with_a_gpu.address, log_to_driver=False)
     try:
-        store = ray_stages.generate_experts(cfg, data, order)
+        (store,) = ray_stages.generate_experts([ray_stages.ExpertSet(cfg, data, order)])
     finally:
         ray.shutdown()
     for i in range(cfg.experts.num_experts):

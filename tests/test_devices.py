@@ -65,7 +65,7 @@ def test_expert_worker_on_an_unusable_gpu_fails_with_the_reason(fake_gpu_ray, tm
     cfg = _gpu_config(tmp_path)
     data = tiny_dataset()
     with pytest.raises(Exception, match=r"GPUUnusableError: Ray assigned this worker 1 GPU .* cannot use CUDA"):
-        ray_stages.generate_experts(cfg, data, _order(data))
+        ray_stages.generate_experts([ray_stages.ExpertSet(cfg, data, _order(data))])
     assert ray_stages.TrajectoryStore(cfg.store_dir, cfg).missing(cfg.experts.num_experts) == [0, 1]
 
 

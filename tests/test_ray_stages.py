@@ -52,25 +52,36 @@ def _order(data):
     return [torch.nonzero(data.train.labels == c).flatten() for c in range(data.num_classes)]
 
 
+def _generate(*sets):
+    return ray_stages.generate_experts([ray_stages.ExpertSet(cfg, data, order) for cfg, data, order in sets])
+
+
 def test_ray_train_experts_equal_single_process_and_are_never_trained_twice(local_ray, tmp_path):
     cfg = with_absolute_paths(tiny_config(tmp_path))
     data, order = tiny_dataset(), _order(tiny_dataset())
     reference = _reference(cfg, data, order, 3)
+    # A second set (another IR, on other data) in the same call: both come out of one Ray Train run.
+    other = cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"init_ratio": 0.8})})
+    other_data = tiny_dataset(seed=1)
+    other_reference = _reference(other, other_data, _order(other_data), 2)
 
-    store = ray_stages.generate_experts(cfg, data, order)
-    assert store.missing(2) == []
+    store, other_store = _generate((cfg, data, order), (other, other_data, _order(other_data)))
+    assert store.key != other_store.key
+    assert store.missing(2) == [] and other_store.missing(2) == []
     for i in range(2):
         assert np.array_equal(store.load(i), reference[i]), f"expert {i} differs from the single-process one"
+        assert np.array_equal(other_store.load(i), other_reference[i]), f"second set's expert {i} differs"
+    assert len(list((tmp_path / "runs" / "ray_train").iterdir())) == 1
 
     stamps = {i: os.stat(store._paths(i)[0]).st_mtime_ns for i in range(2)}
-    ray_stages.generate_experts(cfg, data, order)  # nothing missing: nothing trained
+    _generate((cfg, data, order))  # nothing missing: nothing trained
     assert {i: os.stat(store._paths(i)[0]).st_mtime_ns for i in range(2)} == stamps
 
     # Expert 1 damaged, and one more expert asked for: only those two are trained.
     path = store._paths(1)[0]
     path.write_bytes(path.read_bytes()[:-100])
     more = cfg.model_copy(update={"experts": cfg.experts.model_copy(update={"num_experts": 3})})
-    ray_stages.generate_experts(more, data, order)
+    _generate((more, data, order))
     assert os.stat(store._paths(0)[0]).st_mtime_ns == stamps[0]
     for i in range(3):
         assert np.array_equal(store.load(i), reference[i])
@@ -89,7 +100,7 @@ def test_killed_worker_loses_at_most_its_current_epoch(local_ray_with_state_api,
     store = TrajectoryStore(cfg.store_dir, cfg)
 
     failure: list[BaseException] = []
-    runner = threading.Thread(target=lambda: _capture(failure, ray_stages.generate_experts, cfg, data, order))
+    runner = threading.Thread(target=lambda: _capture(failure, _generate, (cfg, data, order)))
     runner.start()
     killed_at = None
     deadline = time.monotonic() + 300
