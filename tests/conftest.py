@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from filelock import FileLock
 
 from pad_ray.config import RunConfig, build_config
 from pad_ray.data import Dataset, Split
@@ -290,13 +291,25 @@ SMOKE_SWEEP = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
 @pytest.fixture(scope="session")
 def smoke_store(tmp_path_factory, mnist_root) -> Path:
     """The smoke sweep's difficulty order and both expert sets (IR 0.5 and 0.75), trained once per
-    session in this process; the single-process trainer gives the same arrays as Ray Train, which
-    the cold sweep test checks against this store."""
+    session: under pytest-xdist by the first worker that needs it, while the others wait on a lock.
+    The single-process trainer gives the same arrays as Ray Train, which the cold sweep test checks
+    against this store. Tests copy it (`warm_store`) and never write to it."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this session's folder, above each worker's own
+    store, done = shared / "smoke_store" / "store", shared / "smoke_store" / "done"
+    with FileLock(shared / "smoke_store.lock"):
+        if not done.exists():
+            _train_smoke_store(store, mnist_root)
+            done.touch()
+    return store
+
+
+def _train_smoke_store(store: Path, mnist_root: Path) -> None:
     from pad_ray import local_stages
     from pad_ray.sweep_config import load_sweep
     from pad_ray.plan import expert_sets
 
-    store = tmp_path_factory.mktemp("smoke_store") / "store"
     sweep = load_sweep(SMOKE_SWEEP, {"base": {"data": {"root": str(mnist_root)}, "store_dir": str(store),
                                                "output_dir": str(store.parent / "runs")}})
     data = None
@@ -305,7 +318,6 @@ def smoke_store(tmp_path_factory, mnist_root) -> Path:
         data = data or local_stages.load_data(cfg)
         order = local_stages.difficulty_order(cfg, data, torch.device("cpu"), progress=False)
         local_stages.ensure_experts(cfg, data, order, torch.device("cpu"), progress=False)
-    return store
 
 
 @pytest.fixture
