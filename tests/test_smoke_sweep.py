@@ -27,6 +27,8 @@ from test_sweep import (REPO, SMOKE, assert_each_step_once, assert_runs_match_th
                         store_checksums, tune_trials)
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+# One xdist worker runs this module: on two, each would run the minutes-long cold job of its own.
+pytestmark = pytest.mark.xdist_group("smoke_job")
 
 
 @dataclass
