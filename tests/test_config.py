@@ -9,7 +9,7 @@ from pad_ray.config import (PRESET_DIR, PRESETS, ConfigError, DataConfig, build_
 from pad_ray.data import DATASETS
 
 # Every preset resolved by the Python dicts that the preset files replaced, recorded once; an entry changes
-# only with its own preset file (mnist-ipc10/50: the searches of BENCHMARKS.md section 6).
+# only with its own preset file (mnist-ipc1/10/50: the searches of BENCHMARKS.md section 6).
 RESOLVED = json.loads((Path(__file__).with_name("fixtures") / "presets_resolved.json").read_text())
 
 
