@@ -137,6 +137,7 @@ def _expert_worker(loop: dict[str, Any]) -> None:
     torch.set_num_threads(loop["threads"])
     device = task_device()
     splits: dict[int, local_stages.ExpertSplits] = {}  # by data: sets on the same data share one copy
+    orders: dict[int, list[torch.Tensor]] = {}  # by set: fetched once for all of a set's experts here
     for set_index, index in loop["work"][context.get_world_rank()::context.get_world_size()]:
         job = loop["sets"][set_index]
         cfg = RunConfig.model_validate(job["config"])
@@ -146,10 +147,11 @@ def _expert_worker(loop: dict[str, Any]) -> None:
         if job["data"] not in splits:
             splits[job["data"]] = local_stages.ExpertSplits(
                 *(_split_on(ray.get(ref), device) for ref in loop["splits"][job["data"]]))
-        order = [torch.from_numpy(o.copy()) for o in ray.get(job["order"])]
+        if set_index not in orders:
+            orders[set_index] = [torch.from_numpy(o.copy()) for o in ray.get(job["order"])]
         bar = tqdm(total=cfg.experts.epochs, desc=f"{store.key} expert {index}")
-        local_stages.produce_expert(cfg, store, index, splits[job["data"]], order, job["num_classes"], device,
-                                    on_epoch=lambda epoch, loss: bar.update(1))
+        local_stages.produce_expert(cfg, store, index, splits[job["data"]], orders[set_index], job["num_classes"],
+                                    device, on_epoch=lambda epoch, loss: bar.update(1))
         bar.close()
 
 
