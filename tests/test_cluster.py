@@ -24,7 +24,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
 
-from conftest import RayCluster, free_ports
+from conftest import RayCluster, free_ports, light_smoke_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -514,11 +514,11 @@ def fake_cluster_config(gcs_address: str) -> dict:
 
 
 def gpu_sweep(home: Path) -> Path:
-    """sweeps/smoke.yaml with one GPU per trial, one expert set and 4 trials."""
-    sweep = load(REPO / "sweeps" / "smoke.yaml")   # ${PAD_RAY_*} stay for the job to expand
+    """sweeps/smoke.yaml with one GPU per trial, one expert set, 4 light trials."""
+    sweep = light_smoke_sweep()   # ${PAD_RAY_*} stay for the job to expand
     sweep["name"] = "autoscale"
     sweep["space"] = {"alpha": [0.0, 0.1, 0.2, 0.3], "ir": [0.75]}
-    sweep["base"]["distill"] = {"iterations": 8, "eval_every": 4}
+    sweep["base"]["distill"].update(iterations=8, eval_every=4)
     sweep["trial_resources"] = {"cpu": 1, "gpu": 1}
     path = home.parent / "autoscale.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))

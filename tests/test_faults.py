@@ -16,8 +16,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import free_ports, start_driver, start_mlflow_server, tiny_config, wait_for
+from conftest import free_ports, light_smoke_sweep, start_driver, start_mlflow_server, tiny_config, wait_for
 from pad_ray import files, local_stages
+from pad_ray.config import deep_merge
 from pad_ray.evaluate import SyntheticSet
 from pad_ray.trajectories import TrajectoryStore
 
@@ -46,8 +47,9 @@ def _results(home: Path, name: str) -> list[list[dict]]:
 def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, warm_store, ray_cluster_with_dashboard,
                                                                 tmp_path):
     home, cluster = sweep_home, ray_cluster_with_dashboard
+    light = light_smoke_sweep()["base"]
     sweep = _write_sweep(tmp_path, name="kill", space={"alpha": [0.1]},
-                         base={**SMOKE["base"], "distill": {"iterations": 40, "eval_every": 4}},
+                         base=deep_merge(light, {"distill": {"iterations": 40, "eval_every": 4}}),
                          asha={"grace_period": 10}, max_failures=2)
     driver, log = start_driver(sweep, tmp_path / "driver.log")
     try:

@@ -22,7 +22,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import start_driver, wait_for
+from conftest import light_smoke_sweep, start_driver, wait_for
 from pad_ray import files, local_stages
 from pad_ray.config import ConfigError
 from pad_ray.runtime import derive_seed
@@ -102,7 +102,7 @@ def assert_each_step_once(client, run, eval_every: int = 4) -> int:
 
 def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config(sweep_home, ray_cluster, warm_store,
                                                                                tmp_path):
-    sweep = yaml.safe_load(SMOKE.read_text())
+    sweep = light_smoke_sweep()
     sweep["name"] = "ipcs"
     # The smoke sweep's 5 evaluations: ASHA rungs at 1, 2 and 4.
     sweep["space"] = {"ipc": [1, 2], "alpha": [0.0, 0.1, 0.2, 0.3]}
@@ -138,7 +138,7 @@ def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config
 
 
 def _nan_sweep(tmp_path: Path) -> Path:
-    sweep = yaml.safe_load(SMOKE.read_text())
+    sweep = light_smoke_sweep()
     sweep["name"] = "nan"
     sweep["space"] = {"alpha": [0.1], "distill.lr_img": [100, 1e30]}  # 1e30 blows the images up
     sweep["asha"]["grace_period"] = 5
@@ -315,9 +315,9 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 def test_edited_rerun_is_refused_before_any_work_unless_resume_or_fresh(sweep_home, warm_store, ray_cluster,
                                                                          tmp_path):
     home = sweep_home
-    sweep = yaml.safe_load(SMOKE.read_text())
+    sweep = light_smoke_sweep()
     sweep.update(name="rerun", space={"alpha": [0.1], "ir": [0.5]})
-    sweep["base"]["distill"] = {"iterations": 8, "eval_every": 4}
+    sweep["base"]["distill"].update(iterations=8, eval_every=4)
     path = tmp_path / "rerun.yaml"
     path.write_text(yaml.safe_dump(sweep))
     first = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
@@ -402,10 +402,10 @@ def test_optuna_sweep_is_interrupted_and_resumes_with_its_study(sweep_home, warm
 
     home = sweep_home
     sweep = yaml.safe_load((REPO / "sweeps" / "mnist-optuna.yaml").read_text())
-    smoke = yaml.safe_load(SMOKE.read_text())
+    smoke = light_smoke_sweep()
+    smoke["base"]["distill"].update(iterations=16, eval_every=4)
     sweep.update(name="tpe", num_samples=4, trial_resources={"cpu": 1}, storage_path=smoke["storage_path"],
-                 mlflow=smoke["mlflow"], asha={**sweep["asha"], "grace_period": 1},
-                 base={**smoke["base"], "distill": {"iterations": 16, "eval_every": 4}})
+                 mlflow=smoke["mlflow"], asha={**sweep["asha"], "grace_period": 1}, base=smoke["base"])
     sweep["space"]["distill.syn_steps"] = {"choice": [5, 10]}
     sweep["space"]["ipc"] = {"choice": [1, 2]}  # ASHA's groups, from a sampled choice
     path = tmp_path / "tpe.yaml"
