@@ -185,6 +185,7 @@ def test_diverging_trial_fails_with_its_reason_while_the_other_finishes_on_every
 
 INTERRUPTED = "interrupted"  # the interrupted-sweep test's sweep: its name, MLflow experiment and folder
 EVALUATIONS = 8  # of each of its trials
+LEFT_AT_INTERRUPT = 5  # evaluations a trial running at an interrupt has still to go, at least
 
 
 def _checkpointed_trials(home: Path) -> set[str]:
@@ -212,7 +213,7 @@ def _checkpointed_trials(home: Path) -> set[str]:
 def _interrupt_point(home: Path, before: dict[str, int]) -> tuple[dict[str, int], dict[str, int]] | None:
     """(finished, running) trials as MLflow has them -> their numbers of evaluations, once a trial has
     finished while another is still running with a checkpoint that Tune's saved state records and at
-    least three evaluations left. `before`: each trial's evaluations at the previous interrupt; only
+    least LEFT_AT_INTERRUPT evaluations left. `before`: each trial's evaluations at the previous interrupt; only
     trials that finished or made progress since count. The first two trials start together and run in
     step, so when one finishes the other is about to: the running trial this waits for is usually a later one."""
     if not (home / "sweeps" / INTERRUPTED).exists():  # Tune has started: MLflow's tables exist by then
@@ -223,8 +224,8 @@ def _interrupt_point(home: Path, before: dict[str, int]) -> tuple[dict[str, int]
     finished = {r.info.run_id: counts[r.info.run_id] for r in trials
                 if r.info.status == "FINISHED" and counts[r.info.run_id] > before.get(r.info.run_id, 0)}
     running = {r.info.run_id: counts[r.info.run_id] for r in trials
-               if r.info.status == "RUNNING" and before.get(r.info.run_id, 0) < counts[r.info.run_id] <= EVALUATIONS - 3
-               and r.data.tags["trial_id"] in checkpointed}
+               if r.info.status == "RUNNING" and r.data.tags["trial_id"] in checkpointed
+               and before.get(r.info.run_id, 0) < counts[r.info.run_id] <= EVALUATIONS - LEFT_AT_INTERRUPT}
     return (finished, running) if finished and running else None
 
 
@@ -249,11 +250,12 @@ def test_a_sweep_stopped_by_ctrl_c_then_killed_resumes_without_rerunning_or_dupl
                                                                                         ray_cluster, tmp_path):
     home = sweep_home
     # The smoke sweep's experts, six trials two at a time, and no early stop before a trial's end: a trial
-    # running at an interrupt has several evaluations left, so it cannot finish (or be stopped by ASHA)
-    # in the seconds between the interrupt point and the signal.
-    sweep = yaml.safe_load(SMOKE.read_text())
+    # running at an interrupt has LEFT_AT_INTERRUPT evaluations left, so it cannot finish (or be stopped by
+    # ASHA) in the seconds between the interrupt point and the signal. Light evaluations but the shipped 10
+    # inner steps: about a second from one evaluation to the next, some 5 seconds for the signal to land.
+    sweep = light_smoke_sweep()
     sweep.update(name=INTERRUPTED, space={"alpha": [0.0, 0.1, 0.2], "ir": [0.5, 0.75]})
-    sweep["base"]["distill"] = {"iterations": 4 * EVALUATIONS, "eval_every": 4}
+    sweep["base"]["distill"].update(iterations=4 * EVALUATIONS, eval_every=4, syn_steps=10)
     sweep["asha"]["grace_period"] = EVALUATIONS
     path = tmp_path / f"{INTERRUPTED}.yaml"
     path.write_text(yaml.safe_dump(sweep))
