@@ -34,6 +34,12 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SWEEP_REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items):
+    """Slow tests first (stable, so otherwise in file order): under pytest-xdist a sweep test that came last
+    would run alone on one worker while the other had nothing left to do."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def tiny_config(tmp_path: Path | None = None, **sections) -> RunConfig:
     """A 3-class, 8x8 problem: every stage runs in well under a second."""
     raw = {

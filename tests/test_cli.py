@@ -147,6 +147,7 @@ def _store_files(store) -> dict[str, tuple[int, str]]:
             for p in sorted(store.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_pad_on_real_mnist_beats_random_subsets_and_its_own_starting_set(tmp_path, mnist_root):
     """EL2N scores, scheduled experts, PAD distillation at IPC 1 and evaluation, end to end on CPU,
     against two controls under the same evaluation: random real subsets and the starting set. In one

@@ -536,6 +536,7 @@ def _alive_workers(record: dict, head: str) -> set[str]:
     return {n["id"] for n in record["nodes"] if n["alive"] and n["id"] != head}
 
 
+@pytest.mark.slow
 def test_gpu_workers_scale_up_for_a_submitted_sweep_and_back_down(tmp_path, mnist_root):
     import ray
     from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID

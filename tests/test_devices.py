@@ -55,12 +55,14 @@ def _order(data):
     return [torch.nonzero(data.train.labels == c).flatten() for c in range(data.num_classes)]
 
 
+@pytest.mark.slow
 def test_el2n_task_on_an_unusable_gpu_fails_with_the_reason(fake_gpu_ray, tmp_path):
     with pytest.raises(Exception, match=r"Ray assigned this worker 1 GPU .* cannot use CUDA: \S") as raised:
         ray_stages.difficulty_order(_gpu_config(tmp_path), tiny_dataset())
     assert isinstance(raised.value.as_instanceof_cause(), ray_stages.GPUUnusableError)
 
 
+@pytest.mark.slow
 def test_expert_worker_on_an_unusable_gpu_fails_with_the_reason(fake_gpu_ray, tmp_path):
     cfg = _gpu_config(tmp_path)
     data = tiny_dataset()
@@ -69,6 +71,7 @@ def test_expert_worker_on_an_unusable_gpu_fails_with_the_reason(fake_gpu_ray, tm
     assert ray_stages.TrajectoryStore(cfg.store_dir, cfg).missing(cfg.experts.num_experts) == [0, 1]
 
 
+@pytest.mark.slow
 def test_sweep_trial_on_an_unusable_gpu_fails_with_the_reason(fake_gpu_ray, tmp_path):
     from ray import tune
 
@@ -88,6 +91,7 @@ def test_sweep_trial_on_an_unusable_gpu_fails_with_the_reason(fake_gpu_ray, tmp_
     assert "GPUUnusableError: Ray assigned this worker 1 GPU" in str(results.errors[0])
 
 
+@pytest.mark.slow
 def test_fake_gpus_opt_in_runs_on_the_cpu(fake_gpu_ray, tmp_path):
     cfg = _gpu_config(tmp_path)
     data = tiny_dataset()
@@ -99,6 +103,7 @@ def test_fake_gpus_opt_in_runs_on_the_cpu(fake_gpu_ray, tmp_path):
     assert torch.equal(scores, expected)
 
 
+@pytest.mark.slow
 def test_a_task_plans_on_its_share_of_the_node_and_of_its_gpu(fake_gpu_ray):
     # The test cluster has 2 CPUs and 1 GPU: auto's default memory budget is scaled by these shares.
     share = ray.remote(ray_stages.task_memory_share)

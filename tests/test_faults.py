@@ -44,6 +44,7 @@ def _results(home: Path, name: str) -> list[list[dict]]:
     return out
 
 
+@pytest.mark.slow
 def test_killed_trial_process_resumes_from_its_last_checkpoint(sweep_home, warm_store, ray_cluster_with_dashboard,
                                                                 tmp_path):
     home, cluster = sweep_home, ray_cluster_with_dashboard
@@ -104,6 +105,7 @@ def _first_results(home: Path, name: str) -> list[list[dict]]:
     return sorted((r for r in _results(home, name) if r), key=lambda reported: reported[0]["timestamp"])
 
 
+@pytest.mark.slow
 def test_mlflow_outage_recovers_then_lasts_until_the_end_and_a_rerun_logs_what_was_held(
         sweep_home, warm_store, ray_cluster, tmp_path):
     """Two trials, one at a time, one MLflow server. It goes down during trial A and comes back: the same

@@ -56,6 +56,7 @@ def _generate(*sets):
     return ray_stages.generate_experts([ray_stages.ExpertSet(cfg, data, order) for cfg, data, order in sets])
 
 
+@pytest.mark.slow
 def test_ray_train_experts_equal_single_process_and_are_never_trained_twice(local_ray, tmp_path):
     cfg = with_absolute_paths(tiny_config(tmp_path))
     data, order = tiny_dataset(), _order(tiny_dataset())
@@ -87,6 +88,7 @@ def test_ray_train_experts_equal_single_process_and_are_never_trained_twice(loca
         assert np.array_equal(store.load(i), reference[i])
 
 
+@pytest.mark.slow
 def test_killed_worker_loses_at_most_its_current_epoch(local_ray_with_state_api, tmp_path, mnist_root):
     cfg = with_absolute_paths(build_config({
         "preset": "smoke", "seed": 5, "data": {"root": str(mnist_root)},
@@ -132,6 +134,7 @@ def _capture(failure, fn, *args):
         failure.append(exc)
 
 
+@pytest.mark.slow
 def test_el2n_seeds_in_parallel_give_the_sequential_order(local_ray, tmp_path):
     cfg = with_absolute_paths(tiny_config(tmp_path))
     data = tiny_dataset()
@@ -143,6 +146,7 @@ def test_el2n_seeds_in_parallel_give_the_sequential_order(local_ray, tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_distillation_from_object_refs_equals_distillation_from_files(local_ray, tmp_path):
     cfg = with_absolute_paths(tiny_config(tmp_path))
     data = tiny_dataset()

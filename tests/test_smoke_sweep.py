@@ -28,7 +28,7 @@ from test_sweep import (REPO, SMOKE, assert_each_step_once, assert_runs_match_th
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 # One xdist worker runs this module: on two, each would run the minutes-long cold job of its own.
-pytestmark = pytest.mark.xdist_group("smoke_job")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smoke_job")]
 
 
 @dataclass

@@ -100,6 +100,7 @@ def assert_each_step_once(client, run, eval_every: int = 4) -> int:
     return len(evaluations)
 
 
+@pytest.mark.slow
 def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config(sweep_home, ray_cluster, warm_store,
                                                                                tmp_path):
     sweep = light_smoke_sweep()
@@ -150,6 +151,7 @@ def _nan_sweep(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_diverging_trial_fails_with_its_reason_while_the_other_finishes_on_every_architecture(
         sweep_home, warm_store, ray_cluster, tmp_path):
     result = subprocess.run(sweep_command(_nan_sweep(tmp_path)), capture_output=True, text=True, timeout=900,
@@ -246,6 +248,7 @@ def _interrupt(path: Path, home: Path, log_path: Path, stop: signal.Signals, bef
         return point, driver.wait(timeout=300)
 
 
+@pytest.mark.slow
 def test_a_sweep_stopped_by_ctrl_c_then_killed_resumes_without_rerunning_or_duplicating(sweep_home, warm_store,
                                                                                         ray_cluster, tmp_path):
     home = sweep_home
@@ -314,6 +317,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
 
+@pytest.mark.slow
 def test_edited_rerun_is_refused_before_any_work_unless_resume_or_fresh(sweep_home, warm_store, ray_cluster,
                                                                          tmp_path):
     home = sweep_home
@@ -396,6 +400,7 @@ def _ended(trial: dict, last_iteration: int) -> bool:
                                        or any(r.get("done") for r in trial["results"]))
 
 
+@pytest.mark.slow
 def test_optuna_sweep_is_interrupted_and_resumes_with_its_study(sweep_home, warm_store, ray_cluster, tmp_path):
     """The shipped TPE sweep, shrunk to the smoke experts: a SIGTERM mid-sweep, then the same command."""
     from ray.tune.search.optuna import OptunaSearch
@@ -568,6 +573,7 @@ def _seed_sweep(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_seed_sweep_stores_one_expert_set_per_split_and_repeats_differ(sweep_home, ray_cluster, tmp_path):
     path = _seed_sweep(tmp_path)
     result = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
