@@ -296,8 +296,8 @@ SMOKE_SWEEP = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
 
 # Tests of the sweep machinery (ASHA's groups, reruns, resumes, faults) check what trials report and where it
 # goes, not how well they distill: their trials take 5 inner steps instead of 10 and train each evaluation net
-# for 20 epochs instead of 100, which takes about 40% off such a test. The experts, and so the store, are the
-# smoke sweep's; test_smoke_sweep runs the sweep as shipped.
+# for 20 epochs instead of 100, which takes 10 to 40% off such a test's CPU time (BENCHMARKS.md, section 8). The
+# experts, and so the store, are the smoke sweep's; test_smoke_sweep runs the sweep as shipped.
 LIGHT_TRIALS = {"distill": {"syn_steps": 5}, "evaluate": {"epochs": 20}}
 
 
@@ -354,13 +354,14 @@ def start_mlflow_server(home: Path, port: int) -> subprocess.Popen:
     once it accepts connections."""
     home.mkdir(parents=True, exist_ok=True)
     # Without job execution: MLflow 3's server otherwise starts a job runner and 7 Huey consumers (GenAI
-    # scorers, trace rollups; nothing a tracking server needs), each its own interpreter: about 25 core-seconds
-    # per start on 2 cores, against 11 without them.
+    # scorers, trace rollups; nothing a tracking server needs), each its own interpreter: 25 busy core-seconds
+    # per start on 2 cores, against 5.6 without them.
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{home}/server.db", "--artifacts-destination", str(home / "served"),
          "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
     def healthy():
         try:
