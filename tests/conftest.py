@@ -223,6 +223,33 @@ class RayCluster:
         return left
 
 
+# Ray's job server hands a submission to the head's dashboard agent, and gives up if that agent has not
+# registered within 10 s ("No available agent to submit job"). On a busy machine a fresh head's agent can take
+# longer than that, so a test waits for the registration itself (as Ray's own tests do) before it submits.
+JOB_AGENT_READY = """
+import sys, time
+from ray._raylet import GcsClient
+from ray._private import ray_constants as rc
+from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+gcs, deadline = GcsClient(address=sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    head = gcs.internal_kv_get(rc.KV_HEAD_NODE_ID_KEY, namespace=rc.KV_NAMESPACE_JOB)
+    key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{head.decode()}".encode() if head else None
+    if key and gcs.internal_kv_get(key, namespace=rc.KV_NAMESPACE_DASHBOARD):
+        sys.exit(0)
+    time.sleep(0.2)
+sys.exit(f"the head's dashboard agent did not register within {sys.argv[2]} s")
+"""
+
+
+def wait_for_job_agent(address: str, env: dict[str, str], timeout_s: float = 240) -> None:
+    """Return once the head of the cluster at `address` can take `ray job submit`. In a child process with
+    the cluster's environment, so that it also joins a cluster with token auth."""
+    ready = subprocess.run([sys.executable, "-c", JOB_AGENT_READY, address, str(timeout_s)], env=env,
+                           capture_output=True, text=True, timeout=timeout_s + 60)
+    assert ready.returncode == 0, ready.stderr[-3000:]
+
+
 def start_ray_cluster(dashboard: bool = False, num_cpus: int = 2, num_gpus: int = 0) -> RayCluster:
     import ray
 
@@ -246,6 +273,11 @@ def start_ray_cluster(dashboard: bool = False, num_cpus: int = 2, num_gpus: int 
     if dashboard:
         cluster.dashboard = f"http://127.0.0.1:{dashboard_port}"
         env["RAY_API_SERVER_ADDRESS"] = cluster.dashboard
+        try:
+            wait_for_job_agent(cluster.address, env)
+        except AssertionError:
+            cluster.stop()
+            raise
     cluster.env = env
     cluster.head_pids = set(cluster.control_processes())
     assert sorted(cluster.control_processes().values()) == ["gcs_server", "raylet"], cluster.control_processes()

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
 
-from conftest import RayCluster, free_ports, light_smoke_sweep
+from conftest import RayCluster, free_ports, light_smoke_sweep, wait_for_job_agent
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -582,6 +582,7 @@ def test_gpu_workers_scale_up_for_a_submitted_sweep_and_back_down(tmp_path, mnis
                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for(lambda: _records(nodes_log), 120, "the node watcher never connected")
         assert _alive_workers(_records(nodes_log)[-1], FAKE_HEAD_NODE_ID) == set()  # min_workers 0: no GPUs yet
+        wait_for_job_agent(cluster.address, env)
 
         submitted = time.time()
         job = subprocess.run([ray_bin, "job", "submit", "--working-dir", str(REPO), "--", "python", "-m",
