@@ -76,11 +76,9 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
 
 def _experts_on_ray(stage: str, cfg: RunConfig, data) -> tuple[list, list]:
     """EL2N seeds as Ray tasks and experts on Ray Train (a local Ray, or the cluster of a Ray job)."""
-    import ray
-
     from pad_ray import ray_stages
 
-    ray.init(log_to_driver=True)
+    ray_stages.init_ray()
     order = ray_stages.difficulty_order(cfg, data)
     if stage == "scores":
         return order, []

@@ -30,6 +30,23 @@ from pad_ray.schedule import check_schedule
 from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
 
+# Ray Train and Tune run a worker's training loop in a thread of its own, and glibc gives such a thread an
+# arena of its own, whose extra heaps it unmaps as soon as they are free. keep_freed_memory_in_heap reaches
+# only the main arena, so in those threads every large activation buffer was faulted in afresh, step after
+# step: an expert's epoch took 1.7x as long in a Ray Train worker as in a main thread (BENCHMARKS.md,
+# section 2). With one arena every thread allocates from the main one. glibc reads this once, when a process
+# starts, so it travels as an environment variable of the job's worker processes.
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+
+
+def init_ray() -> ray.RayContext:
+    """`ray.init` for pad_ray's drivers: a local Ray, or the cluster of RAY_ADDRESS or of a Ray job, whose
+    workers get WORKER_ENV (less what the job or the user already set: a job's env_vars are in its driver's
+    environment, and Ray refuses to merge a key given twice)."""
+    env_vars = {key: value for key, value in WORKER_ENV.items() if key not in os.environ}
+    return ray.init(log_to_driver=True, runtime_env={"env_vars": env_vars} if env_vars else None)
+
+
 def use_gpu(cfg: RunConfig) -> bool:
     """`auto`: GPUs the cluster has now, or can have: an autoscaling cluster may start with none."""
     if cfg.resources.use_gpu != "auto":

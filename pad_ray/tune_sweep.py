@@ -109,7 +109,7 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
     if plan.move_aside:
         rerun.move_aside(plan.move_aside)
 
-    context = ray.init(log_to_driver=True)
+    context = ray_stages.init_ray()
     _stop_on_sigterm()  # after ray.init: Ray's core worker installs a SIGTERM handler of its own that exits
     print(progress.addresses(tracking.ui_link(uri, experiment_id), context.dashboard_url), file=sys.stderr)
     sets = expert_sets(sweep)

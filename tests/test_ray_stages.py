@@ -163,6 +163,52 @@ def test_distillation_from_object_refs_equals_distillation_from_files(local_ray,
     assert a.syn_lr.item() == b.syn_lr.item()
 
 
+@pytest.mark.slow
+def test_workers_of_pad_rays_ray_reuse_freed_buffers_in_their_training_threads(ray_cluster):
+    def faults_per_step_in_a_thread() -> float:
+        """Minor page faults of one batch-1,024 training step of a ConvNet, run in a thread of its own as Ray
+        Train and Tune run a worker's loop (steps 3 to 6: the buffers of the first two are there to reuse)."""
+        import resource
+
+        import torch.nn.functional as F
+
+        from pad_ray.config import ModelConfig
+        from pad_ray.models import seeded_model
+        from pad_ray.runtime import keep_freed_memory_in_heap
+
+        torch.set_num_threads(1)
+        keep_freed_memory_in_heap()
+        faults = {}
+
+        def train() -> None:
+            net = seeded_model(ModelConfig(width=32), 1, 10, 28, 0)
+            x, y = torch.randn(1024, 1, 28, 28), torch.randint(0, 10, (1024,))
+            for step in range(6):
+                if step == 2:
+                    faults["start"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                F.cross_entropy(net(x), y).backward()
+            faults["end"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+        thread = threading.Thread(target=train)
+        thread.start()
+        thread.join()
+        return (faults["end"] - faults["start"]) / 4
+
+    ray_stages.init_ray()  # joins this test's cluster (RAY_ADDRESS), as pad-ray and pad_ray.sweep do
+    try:
+        measure = ray.remote(num_cpus=1)(faults_per_step_in_a_thread)
+        reused = ray.get(measure.remote())
+        # The same task with glibc's default arenas: the thread's own arena unmaps its large buffers on free.
+        refaulted = ray.get(measure.options(runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "8"}}).remote())
+    finally:
+        ray.shutdown()
+    # A step's activations are several [1024, 32, 32, 32] float32 tensors. With the defaults each is faulted
+    # in again at every step; with one arena less than one's worth is (the worker's other threads fault too).
+    pages = 1024 * 32 * 32 * 32 * 4 / 4096
+    assert refaulted > 4 * pages, (reused, refaulted)
+    assert reused < pages, (reused, refaulted)
+
+
 def test_distillation_window_keeps_sampled_rows_and_the_final_one():
     trajectory = np.arange(11 * 3, dtype=np.float32).reshape(11, 3)
     window = ray_stages.distillation_window(trajectory, 4)
