@@ -31,8 +31,8 @@ from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
 
 # Ray Train and Tune run a worker's training loop in a thread of its own, and glibc gives such a thread an
-# arena of its own, whose extra heaps it unmaps as soon as they are free. keep_freed_memory_in_heap reaches
-# only the main arena, so in those threads every large activation buffer was faulted in afresh, step after
+# arena of its own, which maps each block above 64 MB by itself and unmaps it on free. keep_freed_memory_in_heap
+# reaches only the main arena, so in those threads every large activation buffer was faulted in afresh, step after
 # step: an expert's epoch took 1.7x as long in a Ray Train worker as in a main thread (BENCHMARKS.md,
 # section 2). With one arena every thread allocates from the main one. glibc reads this once, when a process
 # starts, so it travels as an environment variable of the job's worker processes.
