@@ -75,15 +75,22 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
 
 
 def _experts_on_ray(stage: str, cfg: RunConfig, data) -> tuple[list, list]:
-    """EL2N seeds as Ray tasks and experts on Ray Train (a local Ray, or the cluster of a Ray job)."""
+    """EL2N seeds as Ray tasks and experts on Ray Train (a local Ray, or the cluster of a Ray job), then off
+    Ray: distillation runs in this process, and a local Ray's processes, Train's actors among them, took 10%
+    off its speed on 2 cores (BENCHMARKS.md, section 6). The order and the experts are local copies."""
+    import ray
+
     from pad_ray import ray_stages
 
     ray_stages.init_ray()
-    order = ray_stages.difficulty_order(cfg, data)
-    if stage == "scores":
-        return order, []
-    (store,) = ray_stages.generate_experts([ray_stages.ExpertSet(cfg, data, order)])
-    return order, [store.load(i) for i in range(cfg.experts.num_experts)]
+    try:
+        order = ray_stages.difficulty_order(cfg, data)
+        if stage == "scores":
+            return order, []
+        (store,) = ray_stages.generate_experts([ray_stages.ExpertSet(cfg, data, order)])
+        return order, [store.load(i) for i in range(cfg.experts.num_experts)]
+    finally:
+        ray.shutdown()  # stops the local Ray this started; on a cluster it only disconnects
 
 
 # -- the commands: each returns the exit code ----------------------------------------------------

@@ -13,10 +13,10 @@ import ray
 import torch
 
 from conftest import tiny_config, tiny_dataset
-from pad_ray import local_stages, ray_stages
+from pad_ray import cli, local_stages, ray_stages
 from pad_ray.config import build_config, with_absolute_paths
 from pad_ray.distill import distill
-from pad_ray.trajectories import TrajectoryStore
+from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
 CPU = torch.device("cpu")
 
@@ -207,6 +207,24 @@ def test_workers_of_pad_rays_ray_reuse_freed_buffers_in_their_training_threads(r
     pages = 1024 * 32 * 32 * 32 * 4 / 4096
     assert refaulted > 4 * pages, (reused, refaulted)
     assert reused < pages, (reused, refaulted)
+
+
+@pytest.mark.slow
+def test_pad_ray_run_leaves_ray_before_it_distills(ray_cluster, tmp_path):
+    """`pad-ray run` needs Ray only for EL2N and the experts: it disconnects (and stops a local Ray it
+    started) before distilling in its own process, with the order and experts as local copies. Here the
+    store is warm, so the Ray path trains nothing and the test's cluster outlives the call."""
+    cfg = with_absolute_paths(tiny_config(tmp_path, resources={"workers": 2}))
+    data, order = tiny_dataset(), _order(tiny_dataset())
+    DifficultyCache(cfg.store_dir, cfg).save(order)
+    reference = local_stages.ensure_experts(cfg, data, order, CPU, progress=False)
+
+    got_order, trajectories = cli._experts_on_ray("run", cfg, data)
+    assert not ray.is_initialized()
+    assert all(torch.equal(a, b) for a, b in zip(got_order, order, strict=True))
+    assert len(trajectories) == 2 and all(np.array_equal(t, r) for t, r in zip(trajectories, reference, strict=True))
+    assert set(ray_cluster.control_processes()) == ray_cluster.head_pids  # disconnected, not stopped
+    assert distill(cfg, data, trajectories, CPU, progress=False).iteration == cfg.distill.iterations
 
 
 def test_distillation_window_keeps_sampled_rows_and_the_final_one():
