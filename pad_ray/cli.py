@@ -76,8 +76,8 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
 
 def _experts_on_ray(stage: str, cfg: RunConfig, data) -> tuple[list, list]:
     """EL2N seeds as Ray tasks and experts on Ray Train (a local Ray, or the cluster of a Ray job), then off
-    Ray: distillation runs in this process, and a local Ray's processes, Train's actors among them, took 10%
-    off its speed on 2 cores (BENCHMARKS.md, section 6). The order and the experts are local copies."""
+    Ray: distillation runs in this process, and a local Ray's processes, Train's actors among them, made it
+    1.09x slower on 2 cores (BENCHMARKS.md, section 6). The order and the experts are local copies."""
     import ray
 
     from pad_ray import ray_stages
