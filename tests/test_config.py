@@ -60,7 +60,7 @@ def test_syn_lr_starts_at_the_experts_lr_unless_the_config_gives_one():
     given = {"preset": "smoke", "experts": {"lr": 0.03}, "distill": {"lr_teacher": 0.02}}
     assert build_config(given).distill.lr_teacher == 0.02
     mnist = build_config({"preset": "mnist-ipc10"})
-    assert mnist.distill.lr_teacher == mnist.experts.lr == 0.14
+    assert mnist.distill.lr_teacher == mnist.experts.lr == 0.1
 
 
 def test_mnist_ipc10_and_ipc50_share_one_expert_set_and_ipc1_keeps_its_own():
