@@ -260,9 +260,11 @@ def start_ray_cluster(dashboard: bool = False, num_cpus: int = 2, num_gpus: int 
     # Token auth off for test clusters: a process that imported Ray before RAY_AUTH_MODE was set (pytest
     # itself) cannot join a token cluster by address. Free ports and the temp dir keep them apart.
     env.update({"RAY_TMPDIR": str(cluster.temp_dir), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    # Without the autoscaler's monitor, a Python process of its own: these clusters never scale (test_cluster
+    # starts its own head for that).
     command = [RAY_BIN, "start", "--head", f"--port={gcs}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
                f"--temp-dir={cluster.temp_dir}", f"--include-dashboard={str(dashboard).lower()}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--no-monitor",
                f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"]
     started = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     cluster.address = f"{ray.util.get_node_ip_address()}:{gcs}"
