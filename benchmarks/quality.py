@@ -8,7 +8,7 @@ least 5, mean +- std of test accuracy on the real test split):
 
   random       `--draws` random real subsets of IPC images per class, hard labels, lr_teacher
   start        the distillation's starting set (iteration 0: chosen real images, expert soft labels)
-  pad          PAD as configured (the preset)
+  pad          PAD as configured (the preset); when validation picks the starting set, the `start` row's scores
   alpha0       no parameter selection (alpha 0)
   no_schedule  experts on all the data from the start (IR 1, no removal), alpha as configured
   datm         both filters off (IR 1, no removal, alpha 0): DATM
@@ -104,7 +104,13 @@ def child(p: dict) -> dict:
             row.update(iterations=distiller.iteration, skipped=distiller.skipped, clipped=distiller.clipped,
                        distill_s=distiller.elapsed,
                        best_iteration=distiller.best.iteration, evaluations=history)
-        tests = local_stages.final_evaluation(cfg, data, synthetic, dev)[cfg.model.name]["test"]
+        if row.get("best_iteration") == 0 and p.get("start_test"):
+            # Validation chose the starting set itself, which the `start` row of this IPC already scored with
+            # the same nets and seeds (the final evaluation's seed is the run's, not the row's).
+            tests = p["start_test"]
+            row.update(test_from="start")
+        else:
+            tests = local_stages.final_evaluation(cfg, data, synthetic, dev)[cfg.model.name]["test"]
         row.update(test=tests, nets=len(tests))
     mean, std = Scores.summary(row["test"])
     row.update(test_mean=100 * mean, test_std=100 * std, row_s=time.perf_counter() - began)
@@ -143,6 +149,9 @@ def main() -> int:
                        "root": str(Path(args.root).resolve()), "overrides": copy.deepcopy(overrides),
                        "nets": args.nets, "draws": args.draws, "store": str(Path(args.store).resolve()),
                        "threads": args.threads, "quick": args.quick}
+            start = next((r for r in rows if (r["ipc"], r["row"]) == (ipc, "start") and "test" in r), None)
+            if row == "pad" and start:
+                payload["start_test"] = start["test"]
             print(f"IPC {ipc} {row} ...", flush=True)
             # A row takes minutes to an hour: its progress bars (EL2N, experts, distillation) show here.
             result = common.run_child(__file__, payload, timeout_s=6 * 3600, show_stderr=True)
