@@ -167,6 +167,9 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from pad_ray import export_target
+
+    export_target.check(args.format, args.out)  # before torch: a refusal takes no import
     from pad_ray.distilled import export
 
     print(export(args.source, args.format, args.out, args.tracking_uri))

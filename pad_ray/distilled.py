@@ -38,15 +38,14 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open, save
 from torch.utils.data import Dataset as TorchDataset
 
-from pad_ray import files
-from pad_ray.config import ConfigError, RunConfig, to_dict
+from pad_ray import export_target, files
+from pad_ray.config import RunConfig, to_dict
 from pad_ray.data import Dataset
 from pad_ray.evaluate import SyntheticSet
 from pad_ray.runtime import software
 
 FILE_NAME = "distilled_best.safetensors"
 FORMAT = "pad_ray.distilled/1"
-FORMATS = ("safetensors", "imagefolder")
 SIDECAR = "distilled.json"  # an ImageFolder export's labels, lr and provenance
 SPACES = ("preprocessed", "pixels")
 # A source with a scheme (runs:/, mlflow-artifacts:/, s3://, file://) is an artifact MLflow downloads.
@@ -339,12 +338,7 @@ def export(source: str, fmt: str, out: Path, tracking_uri: str | None = None) ->
     folder beside `out` and renamed into place. `safetensors`: `out/distilled.safetensors`;
     `imagefolder`: one PNG per image in a folder per class (`0_airplane/`, ...: the index prefix makes
     torchvision's alphabetical class order pad_ray's), and `distilled.json` beside them."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format: {fmt!r} is not a format; allowed: {', '.join(FORMATS)}")
-    out = Path(out).absolute()
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise ConfigError(f"--out: {out} exists and is not an empty folder (nothing is overwritten)")
-    files.check_writable(out, "--out")
+    out = export_target.check(fmt, out)
     distilled = load_distilled(source, tracking_uri=tracking_uri)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

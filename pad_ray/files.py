@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import torch
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -227,10 +226,14 @@ def load_arrays(loc: Location, expected_sha256: str | None = None) -> dict[str, 
 
 def save_torch(loc: Location, state: dict[str, Any]) -> None:
     """Checkpoints: tensors and plain Python values only, so `weights_only=True` can read them back."""
+    import torch  # here, not at the top: the CLI's output checks use this module before torch is needed
+
     _write(loc, lambda h: torch.save(state, h))
 
 
 def load_torch(loc: Location) -> dict[str, Any]:
+    import torch
+
     source = _verified(loc, None)
     try:
         return torch.load(source, map_location="cpu", weights_only=True)

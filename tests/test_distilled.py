@@ -234,6 +234,19 @@ def test_bad_export_input_is_one_line_exit_2_and_writes_nothing(mnist_normalized
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
+def test_a_bad_format_or_folder_is_refused_before_torch_is_imported(tmp_path):
+    # The checks that need no set run first, so a mistyped command answers without torch's seconds of import.
+    full = tmp_path / "full"
+    (full / "keep").mkdir(parents=True)
+    code = ("import sys\nfrom pad_ray.cli import main\n"
+            f"codes = [main(['export', 'x.safetensors', '--format', 'zip', '--out', {str(tmp_path / 'out')!r}]),\n"
+            f"         main(['export', 'x.safetensors', '--out', {str(full)!r}])]\n"
+            "print(codes, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[2, 2] False", result.stderr
+    assert len(result.stderr.strip().splitlines()) == 2 and not (tmp_path / "out").exists()
+
+
 def test_a_failed_export_leaves_no_half_written_folder(mnist_small, tmp_path, monkeypatch):
     from pad_ray import distilled
 
