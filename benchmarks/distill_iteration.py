@@ -1,8 +1,8 @@
 """Time, peak memory and FLOPs of one outer distillation iteration: unrolled, constant-memory, auto,
 and the authors' released code on the same rows in the same invocation.
 
-    python3 benchmarks/distill_iteration.py [--quick | --paper] [--paths unrolled,constant_memory,auto,auto:target]
-        [--rows 0,2] [--pad-root DIR] [--no-reference]
+    python3 benchmarks/distill_iteration.py [--quick | --paper | --narrow]
+        [--paths unrolled,constant_memory,auto,auto:target] [--rows 0,2] [--pad-root DIR] [--no-reference]
 
 One iteration = `plan_steps` (minibatches and DSA draws) + the gradient path
 (`pad_ray.matching.gradient_path`: unrolled, two-pass or auto) on the CIFAR-10 ConvNet
@@ -10,6 +10,10 @@ One iteration = `plan_steps` (minibatches and DSA draws) + the gradient path
 DSA on, depth mask at alpha 0.25, and a random start/target pair of flat parameter vectors.
 `--paper` measures the paper's CIFAR-10 settings instead: IPC 10 (batch_syn 100) and IPC 50
 (batch_syn 500), both at N 80 (sized for a GPU; add `--merge` to keep the other rows' results).
+`--narrow` runs IPC 1 and 10 at N 20 on a width-16 ConvNet, where per-op overhead, not arithmetic,
+sets an iteration's time, as it does on a GPU: what each path's bookkeeping costs. The paths
+(`--paths`, without budgets) alternate in one process, and each is given as a multiple of the first
+(`distill_iteration-narrow.json`; the authors' harness has the width-128 net only, so no reference).
 Each row runs in a fresh process: the peak is that configuration's own (max RSS on the CPU, max
 reserved on CUDA, with max allocated beside it). Each path runs whole iterations before the timed ones
 (two for auto, whose first call only measures a step). In the same process the plain forward+backward
@@ -64,15 +68,16 @@ PAPER_ROWS = [(10, 100, 80, 2), (50, 500, 80, 2)]  # cifar10-ipc10 and -ipc50 pr
 QUICK_ROWS = [(1, 10, 4, 2), (2, 20, 2, 2), (2, 20, 4, 2), (2, 20, 8, 1)]
 FULL_MODEL = {"classes": 10, "channels": 3, "size": 32, "width": 128, "depth": 3}
 QUICK_MODEL = {"classes": 10, "channels": 3, "size": 32, "width": 16, "depth": 3}
+NARROW_ROWS = [(1, 10, 20, 30), (10, 100, 20, 10)]
 PATHS = ("unrolled", "constant_memory", "auto")
 
 
-def child(p: dict) -> dict:
+def _problem(p: dict):
+    """The row's model, synthetic set and start/target pair, and an iteration of a gradient path on them."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from pad_ray.augment import DSA
-    from pad_ray.matching import gradient_path, plan_steps, soft_cross_entropy
+    from pad_ray.matching import plan_steps
     from pad_ray.models import ConvNet, FlatParams
     from pad_ray.runtime import keep_freed_memory_in_heap
 
@@ -92,18 +97,37 @@ def child(p: dict) -> dict:
     start = net.flatten()
     target = start + 0.01 * torch.randn(start.shape, generator=gen).to(dev)
     dsa = DSA() if p["dsa"] else None
+
+    def iteration(steps: int, gradients, plan=None):
+        plan = plan or plan_steps(n, batch, steps, (size, size), dsa, gen)
+        return gradients(net, images, labels, syn_lr, start, target, plan, dsa, p["alpha"], p["selection"])
+
+    def new_plan(steps: int):
+        return plan_steps(n, batch, steps, (size, size), dsa, gen)
+
+    return dev, threads, net, images[:batch], labels[:batch], iteration, new_plan
+
+
+def child(p: dict) -> dict:
+    if p.get("interleave"):
+        return interleaved(p)
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pad_ray.matching import gradient_path, soft_cross_entropy
+
+    dev, threads, net, x, y, run, _ = _problem(p)
     # One function for every call, so that auto's budget keeps what it measured across iterations.
     measured = gradient_path(p["path"], p.get("budget_gb"))
     kept: list[int] = []  # per call of `measured`: inner steps whose graphs it held
 
     def iteration(steps: int, gradients=measured):
-        plan = plan_steps(n, batch, steps, (size, size), dsa, gen)
-        matched = gradients(net, images, labels, syn_lr, start, target, plan, dsa, p["alpha"], p["selection"])
+        matched = run(steps, gradients)
         if gradients is measured:
             kept.append(matched.kept)
 
     # The plain training step of the same model and batch: forward + backward into .grad.
-    model, x, y = net.module, images[:batch], labels[:batch]
+    model = net.module
 
     def plain_step():
         model.zero_grad(set_to_none=True)
@@ -167,6 +191,62 @@ def child(p: dict) -> dict:
         result["device_memory_total"] = torch.cuda.get_device_properties(dev).total_memory
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
     return result
+
+
+def interleaved(p: dict) -> dict:
+    """`--narrow`'s child: the paths' iterations alternate on the same plans in one process, so that what
+    differs from one process to the next (a quarter of an iteration's time here) drops out of their
+    ratio. Only time is measured: the peak would be the largest path's."""
+    from pad_ray.matching import gradient_path
+
+    dev, threads, _, _, _, run, new_plan = _problem(p)
+    paths = {name: gradient_path(name) for name in p["interleave"]}
+    for gradients in paths.values():
+        common.timed(lambda: run(p["steps"], gradients), dev, 2)  # auto's first call only measures a step
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    kept: dict[str, list[int]] = {name: [] for name in paths}
+    names = list(paths)
+    for round_ in range(p["repeats"]):
+        plan = new_plan(p["steps"])
+        # Each round starts with the next path, so that no path always runs right after the same one.
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            gradients = paths[name]
+            times[name] += common.timed(lambda: kept[name].append(run(p["steps"], gradients, plan).kept), dev, 1)
+    first = names[0]
+    return {**p, "device": str(dev), "threads": threads, "times_s": times, "kept_steps": kept,
+            "s_per_iter": {name: common.median(t) for name, t in times.items()},
+            # Per round, then the median: each round's paths ran on the same plan a moment apart.
+            f"vs_{first}": {name: common.median([a / b for a, b in zip(t, times[first])])
+                            for name, t in times.items()}}
+
+
+def narrow(args) -> int:
+    names = [label for label, _, budget in _paths(args.paths) if budget is None]
+    rows_spec = [NARROW_ROWS[int(i)] for i in args.rows.split(",")] if args.rows else NARROW_ROWS
+    meta = common.machine()
+    print(f"# {NAME} --narrow on {meta['cpu']} ({meta['usable_cores']} cores), torch {meta['torch']}, "
+          f"cuda: {meta['cuda']}, load {meta['load_average_at_start']}", flush=True)
+    rows: list[dict] = []
+    for ipc, batch, steps, repeats in rows_spec:
+        payload = {**QUICK_MODEL, "interleave": names, "ipc": ipc, "batch": batch, "steps": steps,
+                   "repeats": repeats, "alpha": 0.25, "selection": "depth", "dsa": True, "threads": args.threads}
+        result = common.run_child(__file__, payload, timeout_s=1800)
+        if "error" in result:
+            print(f"ipc {ipc} N {steps}: ERROR {result['error']}", flush=True)
+            rows.append(result)
+            continue
+        for name in names:
+            rows.append({"label": name, "ipc": ipc, "batch": batch, "steps": steps, "repeats": repeats,
+                         "kept": common.median(result["kept_steps"][name]),
+                         "s_per_iter": result["s_per_iter"][name], f"vs_{names[0]}": result[f"vs_{names[0]}"][name],
+                         "times_s": result["times_s"][name]})
+    columns = [("label", "path"), ("ipc", "IPC"), ("batch", "batch"), ("steps", "N"), ("kept", "kept"),
+               ("repeats", "rounds"), ("s_per_iter", "s/iter"), (f"vs_{names[0]}", f"x {names[0]}")]
+    summary = {f"{r['label']} ipc{r['ipc']} N{r['steps']}": round(r[f"vs_{names[0]}"], 3)
+               for r in rows if f"vs_{names[0]}" in r}
+    common.report(f"{NAME}-narrow", False, {**meta, "model": QUICK_MODEL}, rows, columns,
+                  {f"time_vs_{names[0]}": summary})
+    return 0
 
 
 def _predicted_peak(rows: list[dict], label: str, ipc: int, batch: int, steps: int) -> float | None:
@@ -249,16 +329,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default="unrolled,constant_memory,auto,auto:target")
     parser.add_argument("--rows", default=None, help="indices into the row list (default: all)")
     parser.add_argument("--paper", action="store_true", help="the paper's IPC 10 / 50 rows at N 80 (for a GPU)")
+    parser.add_argument("--narrow", action="store_true", help="IPC 1 / 10 at N 20 on a width-16 net: per-op overhead")
     parser.add_argument("--pad-root", default=None, help="export of the authors' code for the reference harness")
     parser.add_argument("--no-reference", action="store_true", help="do not run the authors' code")
     parser.add_argument("--merge", action="store_true",
                         help="keep rows of earlier results that this invocation does not measure")
     args = parser.parse_args(argv)
+    if args.narrow:
+        return narrow(args)
     rows_spec = QUICK_ROWS if args.quick else PAPER_ROWS if args.paper else FULL_ROWS
     if args.rows:
         rows_spec = [rows_spec[int(i)] for i in args.rows.split(",")]
     paths = _paths(args.paths)
     model = QUICK_MODEL if args.quick else FULL_MODEL
+    name = NAME if args.allocator == "default" else f"{NAME}-{args.allocator}"
     meta = common.machine()
     # The harness has the full CIFAR-10 ConvNet only: --quick's narrow model has no reference.
     meta["reference_unavailable"] = ("not run (--no-reference)" if args.no_reference else
@@ -326,8 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["reference_rows"] = [{"row": list(key), **value} for key, value in refs.items()]
 
     if args.merge:
-        earlier = common.read_results(NAME if args.allocator == "default" else f"{NAME}-{args.allocator}",
-                                      args.quick)
+        earlier = common.read_results(name, args.quick)
         if earlier:
             measured = {(r.get("label"), r.get("ipc"), r.get("batch"), r.get("steps")) for r in results}
             results = [r for r in earlier["rows"]
@@ -344,7 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for key, value in summary.items():
         print(f"{key}: {common.fmt(value) if not isinstance(value, dict) else value}")
-    name = NAME if args.allocator == "default" else f"{NAME}-{args.allocator}"
     out = common.write_results(name, args.quick, meta, sorted(results, key=_order), summary)
     print(f"\nwrote {out}")
     return 0

@@ -130,10 +130,13 @@ class GraphBudget:
     """How many trailing inner steps `auto_gradients` keeps in the graph: as many as fit in `budget_bytes`.
 
     A kept step costs the storage its graph saves for the final backward. That is measured, not
-    modelled: every kept step runs under a saved-tensors hook that sums the distinct storages it saves
+    modelled: a kept step runs under a saved-tensors hook that sums the distinct storages it saves
     (0.30 GB for the CIFAR-10 ConvNet on 100 images), and the largest figure seen per batch size is the
-    estimate, since DSA draws a different augmentation each step. The first call has no figure yet and
-    keeps one step to get it. The estimate is multiplied by ALLOCATOR_OVERHEAD because the allocator
+    estimate. The figure depends on the batch size and the step's DSA family only (the six families of
+    that ConvNet are within 1% of each other), so each pair is measured once per process: the hook
+    calls Python for each of a step's 141 saved tensors and again as the backward unpacks them, which
+    where per-op overhead dominates (a GPU; a narrow net on the CPU) costs a tenth of an iteration.
+    The first call has no figure yet and keeps one step to get it. The estimate is multiplied by ALLOCATOR_OVERHEAD because the allocator
     holds more than the tensors: with freed memory kept in glibc's heap, as Distiller has it on the
     CPU, RSS grew by 0.485 GB per unrolled step there (BENCHMARKS.md, glibc-heap rows, N 10 to 20),
     1.6x the saved bytes. One budget serves one model and image shape (one Distiller).
@@ -153,6 +156,7 @@ class GraphBudget:
     def __init__(self, budget_bytes: int | None = None, share: float = 1.0):
         self.budget_bytes, self.share = budget_bytes, share
         self.step_bytes: dict[int, int] = {}  # batch rows -> largest saved bytes of one kept step
+        self.measured: set[tuple[int, str | None]] = set()  # (batch rows, DSA family) of the measured steps
 
     def estimate(self, rows: int) -> float:
         """Bytes one kept step of `rows` images will hold. A figure from a smaller batch is scaled up
@@ -182,7 +186,11 @@ class GraphBudget:
         self.budget_bytes, self.step_bytes = state["budget_bytes"], dict(state["step_bytes"])
 
     @contextlib.contextmanager
-    def measuring(self, rows: int) -> Iterator[None]:
+    def measuring(self, rows: int, draw: Draw | None) -> Iterator[None]:
+        key = (rows, None if draw is None else draw.family)
+        if key in self.measured:
+            yield
+            return
         storages: dict[int, int] = {}
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -193,6 +201,7 @@ class GraphBudget:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             yield
         self.step_bytes[rows] = max(self.step_bytes.get(rows, 0), sum(storages.values()))
+        self.measured.add(key)
 
 
 def auto_gradients(net: FlatParams, images: torch.Tensor, labels: torch.Tensor, syn_lr: torch.Tensor,
@@ -233,7 +242,7 @@ def auto_gradients(net: FlatParams, images: torch.Tensor, labels: torch.Tensor, 
 
     anchor = theta = thetas.pop().detach().requires_grad_()
     for step, rows in zip(plan[head:], rows_of[head:]):
-        with budget.measuring(len(rows)) if budget is not None else contextlib.nullcontext():
+        with budget.measuring(len(rows), step.draw) if budget is not None else contextlib.nullcontext():
             loss = _batch_loss(net, theta, x_all[rows], y_all[rows], step.draw, dsa)
             grad = torch.autograd.grad(loss, theta, create_graph=True)[0]
             theta = theta - lr * grad

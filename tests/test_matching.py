@@ -163,7 +163,7 @@ def test_auto_measures_a_kept_step_first_then_keeps_what_the_budget_holds():
     assert auto_gradients(*problem, budget=budget).kept == 1  # nothing measured yet
     assert set(budget.step_bytes) == {2} and budget.step_bytes[2] > 0
     assert auto_gradients(*problem, budget=budget).kept == 5
-    assert set(budget.step_bytes) == {2, 4}  # every kept step is measured
+    assert set(budget.step_bytes) == {2, 4}  # the kept 4-row steps are measured too
     two_last = budget.estimate(2) + budget.estimate(4)
     budget.budget_bytes = math.ceil(two_last)
     assert auto_gradients(*problem, budget=budget).kept == 2
@@ -171,6 +171,29 @@ def test_auto_measures_a_kept_step_first_then_keeps_what_the_budget_holds():
     assert auto_gradients(*problem, budget=budget).kept == 1
     budget.budget_bytes = int(0.5 * budget.estimate(2))
     assert auto_gradients(*problem, budget=budget).kept == 0
+
+
+def test_auto_measures_each_batch_size_and_dsa_family_once_then_runs_unhooked():
+    problem = _problem("depth", True)
+    plan = problem[6]
+    budget = GraphBudget(budget_bytes=10**12)
+    auto_gradients(*problem, budget=budget)
+    auto_gradients(*problem, budget=budget)
+    assert budget.measured == {(len(step.indices), step.draw.family) for step in plan}
+    figures = dict(budget.step_bytes)
+    # A step measured again would raise its batch size's figure back from 1.
+    budget.step_bytes = dict.fromkeys(figures, 1)
+    assert auto_gradients(*problem, budget=budget).kept == len(plan)
+    assert budget.step_bytes == dict.fromkeys(figures, 1)
+    # Forgetting what was measured measures every kept step again, to the same figures.
+    budget.measured.clear()
+    auto_gradients(*problem, budget=budget)
+    assert budget.step_bytes == figures
+    # Without DSA a step's pair has no family.
+    undrawn = _problem("depth", False)
+    plain = GraphBudget(budget_bytes=10**12)
+    auto_gradients(*undrawn, budget=plain)
+    assert plain.measured == {(len(undrawn[6][-1].indices), None)}
 
 
 def test_a_loaded_budget_keeps_the_steps_the_saved_one_would_keep():
