@@ -98,12 +98,12 @@ def _problem(p: dict):
     target = start + 0.01 * torch.randn(start.shape, generator=gen).to(dev)
     dsa = DSA() if p["dsa"] else None
 
-    def iteration(steps: int, gradients, plan=None):
-        plan = plan or plan_steps(n, batch, steps, (size, size), dsa, gen)
-        return gradients(net, images, labels, syn_lr, start, target, plan, dsa, p["alpha"], p["selection"])
-
     def new_plan(steps: int):
         return plan_steps(n, batch, steps, (size, size), dsa, gen)
+
+    def iteration(steps: int, gradients, plan=None):
+        return gradients(net, images, labels, syn_lr, start, target, plan or new_plan(steps), dsa, p["alpha"],
+                         p["selection"])
 
     return dev, threads, net, images[:batch], labels[:batch], iteration, new_plan
 
