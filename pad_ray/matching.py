@@ -133,13 +133,13 @@ class GraphBudget:
     modelled: a kept step runs under a saved-tensors hook that sums the distinct storages it saves
     (0.30 GB for the CIFAR-10 ConvNet on 100 images), and the largest figure seen per batch size is the
     estimate. The figure depends on the batch size and the step's DSA family only (the six families of
-    that ConvNet are within 1% of each other), so each pair is measured once per process: the hook
-    calls Python for each of a step's 141 saved tensors and again as the backward unpacks them, which
-    where per-op overhead dominates (a GPU; a narrow net on the CPU) costs a tenth of an iteration.
-    The first call has no figure yet and keeps one step to get it. The estimate is multiplied by ALLOCATOR_OVERHEAD because the allocator
-    holds more than the tensors: with freed memory kept in glibc's heap, as Distiller has it on the
-    CPU, RSS grew by 0.485 GB per unrolled step there (BENCHMARKS.md, glibc-heap rows, N 10 to 20),
-    1.6x the saved bytes. One budget serves one model and image shape (one Distiller).
+    that ConvNet are within 1% of each other), so each pair is measured once per process. The hook
+    calls Python for each of a step's 141 saved tensors and again as the backward unpacks them: a tenth
+    of an iteration where per-op overhead dominates (a GPU; a narrow net on the CPU). The first call
+    has no figure yet and keeps one step to get it. The estimate is multiplied by ALLOCATOR_OVERHEAD
+    because the allocator holds more than the tensors: with freed memory kept in glibc's heap, as
+    Distiller has it on the CPU, RSS grew by 0.485 GB per unrolled step there (BENCHMARKS.md, glibc-heap
+    rows, N 10 to 20), 1.6x the saved bytes. One budget serves one model and image shape (one Distiller).
 
     `budget_bytes` None means: what the device has free at the first call, times FREE_FRACTION and
     `share` (a sweep trial's part of a device that other trials use too). Once, not at every call: on
