@@ -18,6 +18,11 @@ least 5, mean +- std of test accuracy on the real test split):
 Experts are shared across rows and IPCs through the store (`--store`), so each expert set trains
 once. Each (IPC, row) runs in a fresh child process; the JSON lands in
 `benchmarks/results/quality-<dataset>.json` (or `--name`).
+
+Every set a row scores is also written to `--sets` as `<name>-ipc<N>-<row>.npz` (the format of
+`pad-ray evaluate --synthetic`). `--sets-from NAME` scores the sets an earlier run wrote under NAME
+instead of building them again, so a distillation of hours can be rescored under another protocol
+(`--set evaluate.epochs=1000`) in the time of its evaluation.
 """
 
 from __future__ import annotations
@@ -93,7 +98,10 @@ def child(p: dict) -> dict:
             tests += local_stages.final_evaluation(cfg, data, subset, dev)[cfg.model.name]["test"]
         row.update(test=tests, nets=len(tests), draws=p["draws"])
     else:
-        if p["row"] == "start":
+        if p["sets_from"]:
+            synthetic = local_stages.load_synthetic(_set_path(p, p["sets_from"]), data)
+            row.update(set_from=p["sets_from"])
+        elif p["row"] == "start":
             synthetic = Distiller(cfg, data, trajectories, dev).synthetic()
         else:
             # The run's own evaluations (`eval_nets` nets): what validation chose the best set from.
@@ -111,10 +119,17 @@ def child(p: dict) -> dict:
             row.update(test_from="start")
         else:
             tests = local_stages.final_evaluation(cfg, data, synthetic, dev)[cfg.model.name]["test"]
-        row.update(test=tests, nets=len(tests))
+        path = _set_path(p, p["name"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        local_stages.save_synthetic(path, synthetic)
+        row.update(test=tests, nets=len(tests), set=str(path))
     mean, std = Scores.summary(row["test"])
     row.update(test_mean=100 * mean, test_std=100 * std, row_s=time.perf_counter() - began)
     return row
+
+
+def _set_path(p: dict, name: str) -> Path:
+    return Path(p["sets"]) / f"{name}-ipc{p['ipc']}-{p['row']}.npz"
 
 
 def main() -> int:
@@ -131,9 +146,15 @@ def main() -> int:
     parser.add_argument("--store", default=str(common.REPO / "runs" / "quality-store"),
                         help="expert store shared by the rows (and by later runs)")
     parser.add_argument("--name", help="results file name (default: quality-<dataset>)")
+    parser.add_argument("--sets", default=str(common.REPO / "runs" / "quality-sets"),
+                        help="folder the scored sets are written to, as <name>-ipc<N>-<row>.npz")
+    parser.add_argument("--sets-from", metavar="NAME",
+                        help="score the sets an earlier run NAME wrote to --sets instead of building them")
     args = parser.parse_args()
     if args.nets < 5 or args.draws < 3:
         parser.error("the protocol needs --nets >= 5 and --draws >= 3")
+    if args.sets_from and {"random", "ceiling"} & set(args.rows):
+        parser.error("--sets-from rescores built sets: rows random and ceiling have none (drop them from --rows)")
 
     from pad_ray.config import parse_overrides
 
@@ -148,9 +169,10 @@ def main() -> int:
             payload = {"family": family, "dataset": args.dataset, "ipc": ipc, "row": row,
                        "root": str(Path(args.root).resolve()), "overrides": copy.deepcopy(overrides),
                        "nets": args.nets, "draws": args.draws, "store": str(Path(args.store).resolve()),
-                       "threads": args.threads, "quick": args.quick}
+                       "threads": args.threads, "quick": args.quick, "name": name,
+                       "sets": str(Path(args.sets).resolve()), "sets_from": args.sets_from}
             start = next((r for r in rows if (r["ipc"], r["row"]) == (ipc, "start") and "test" in r), None)
-            if row == "pad" and start:
+            if row == "pad" and start and not args.sets_from:
                 payload["start_test"] = start["test"]
             print(f"IPC {ipc} {row} ...", flush=True)
             # A row takes minutes to an hour: its progress bars (EL2N, experts, distillation) show here.
