@@ -20,9 +20,10 @@ once. Each (IPC, row) runs in a fresh child process; the JSON lands in
 `benchmarks/results/quality-<dataset>.json` (or `--name`).
 
 Every set a row scores is also written to `--sets` as `<name>-ipc<N>-<row>.npz` (the format of
-`pad-ray evaluate --synthetic`). `--sets-from NAME` scores the sets an earlier run wrote under NAME
-instead of building them again, so a distillation of hours can be rescored under another protocol
-(`--set evaluate.epochs=1000`) in the time of its evaluation.
+`pad-ray evaluate --synthetic`), and a distilled row's last set as `...-last.npz` (validation may
+have kept an earlier one). `--sets-from NAME` scores the sets an earlier run wrote under NAME (`--last`: the last
+ones) instead of building them again, so a distillation of hours can be rescored under another
+protocol (`--set evaluate.epochs=1000`) in the time of its evaluation.
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def child(p: dict) -> dict:
         row.update(test=tests, nets=len(tests), draws=p["draws"])
     else:
         if p["sets_from"]:
-            synthetic = local_stages.load_synthetic(_set_path(p, p["sets_from"]), data)
-            row.update(set_from=p["sets_from"])
+            source = _set_path(p, p["sets_from"], last=p["last"])
+            synthetic = local_stages.load_synthetic(source, data)
+            row.update(set_from=str(source))
         elif p["row"] == "start":
             synthetic = Distiller(cfg, data, trajectories, dev).synthetic()
         else:
@@ -109,8 +111,12 @@ def child(p: dict) -> dict:
             distiller = distill(cfg, data, trajectories, dev, on_eval=lambda _, m: history.append(
                 {k: m[k] for k in _HISTORY if k in m}))
             synthetic = distiller.best_synthetic()
-            row.update(iterations=distiller.iteration, skipped=distiller.skipped, clipped=distiller.clipped,
-                       distill_s=distiller.elapsed,
+            # Validation on `eval_nets` nets may keep an earlier set than the last; keep the last too, to rescore.
+            last = _set_path(p, p["name"], last=True)
+            last.parent.mkdir(parents=True, exist_ok=True)
+            local_stages.save_synthetic(last, distiller.synthetic())
+            row.update(last_set=str(last), iterations=distiller.iteration, skipped=distiller.skipped,
+                       clipped=distiller.clipped, distill_s=distiller.elapsed,
                        best_iteration=distiller.best.iteration, evaluations=history)
         if row.get("best_iteration") == 0 and p.get("start_test"):
             # Validation chose the starting set itself, which the `start` row of this IPC already scored with
@@ -128,8 +134,8 @@ def child(p: dict) -> dict:
     return row
 
 
-def _set_path(p: dict, name: str) -> Path:
-    return Path(p["sets"]) / f"{name}-ipc{p['ipc']}-{p['row']}.npz"
+def _set_path(p: dict, name: str, last: bool = False) -> Path:
+    return Path(p["sets"]) / f"{name}-ipc{p['ipc']}-{p['row']}{'-last' if last else ''}.npz"
 
 
 def main() -> int:
@@ -150,11 +156,15 @@ def main() -> int:
                         help="folder the scored sets are written to, as <name>-ipc<N>-<row>.npz")
     parser.add_argument("--sets-from", metavar="NAME",
                         help="score the sets an earlier run NAME wrote to --sets instead of building them")
+    parser.add_argument("--last", action="store_true",
+                        help="with --sets-from: score each distilled row's last set, not the one validation kept")
     args = parser.parse_args()
     if args.nets < 5 or args.draws < 3:
         parser.error("the protocol needs --nets >= 5 and --draws >= 3")
     if args.sets_from and {"random", "ceiling"} & set(args.rows):
         parser.error("--sets-from rescores built sets: rows random and ceiling have none (drop them from --rows)")
+    if args.last and (not args.sets_from or "start" in args.rows):
+        parser.error("--last needs --sets-from and distilled rows only (the start row has no last set)")
 
     from pad_ray.config import parse_overrides
 
@@ -170,7 +180,7 @@ def main() -> int:
                        "root": str(Path(args.root).resolve()), "overrides": copy.deepcopy(overrides),
                        "nets": args.nets, "draws": args.draws, "store": str(Path(args.store).resolve()),
                        "threads": args.threads, "quick": args.quick, "name": name,
-                       "sets": str(Path(args.sets).resolve()), "sets_from": args.sets_from}
+                       "sets": str(Path(args.sets).resolve()), "sets_from": args.sets_from, "last": args.last}
             start = next((r for r in rows if (r["ipc"], r["row"]) == (ipc, "start") and "test" in r), None)
             if row == "pad" and start and not args.sets_from:
                 payload["start_test"] = start["test"]
