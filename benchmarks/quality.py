@@ -21,9 +21,9 @@ once. Each (IPC, row) runs in a fresh child process; the JSON lands in
 
 Every set a row scores is also written to `--sets` as `<name>-ipc<N>-<row>.npz` (the format of
 `pad-ray evaluate --synthetic`), and a distilled row's last set as `...-last.npz` (validation may
-have kept an earlier one). `--sets-from NAME` scores the sets an earlier run wrote under NAME (`--last`: the last
-ones) instead of building them again, so a distillation of hours can be rescored under another
-protocol (`--set evaluate.epochs=1000`) in the time of its evaluation.
+have kept an earlier one). `--sets-from NAME` scores the sets an earlier run wrote under NAME
+(`--last`: the last ones) instead of building them again, so a distillation of hours can be
+rescored under another protocol (`--set evaluate.epochs=1000`) in the time of its evaluation.
 """
 
 from __future__ import annotations
@@ -112,11 +112,8 @@ def child(p: dict) -> dict:
                 {k: m[k] for k in _HISTORY if k in m}))
             synthetic = distiller.best_synthetic()
             # Validation on `eval_nets` nets may keep an earlier set than the last; keep the last too, to rescore.
-            last = _set_path(p, p["name"], last=True)
-            last.parent.mkdir(parents=True, exist_ok=True)
-            local_stages.save_synthetic(last, distiller.synthetic())
-            row.update(last_set=str(last), iterations=distiller.iteration, skipped=distiller.skipped,
-                       clipped=distiller.clipped, distill_s=distiller.elapsed,
+            row.update(last_set=_save_set(p, distiller.synthetic(), last=True), iterations=distiller.iteration,
+                       skipped=distiller.skipped, clipped=distiller.clipped, distill_s=distiller.elapsed,
                        best_iteration=distiller.best.iteration, evaluations=history)
         if row.get("best_iteration") == 0 and p.get("start_test"):
             # Validation chose the starting set itself, which the `start` row of this IPC already scored with
@@ -125,10 +122,7 @@ def child(p: dict) -> dict:
             row.update(test_from="start")
         else:
             tests = local_stages.final_evaluation(cfg, data, synthetic, dev)[cfg.model.name]["test"]
-        path = _set_path(p, p["name"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        local_stages.save_synthetic(path, synthetic)
-        row.update(test=tests, nets=len(tests), set=str(path))
+        row.update(test=tests, nets=len(tests), set=_save_set(p, synthetic))
     mean, std = Scores.summary(row["test"])
     row.update(test_mean=100 * mean, test_std=100 * std, row_s=time.perf_counter() - began)
     return row
@@ -136,6 +130,14 @@ def child(p: dict) -> dict:
 
 def _set_path(p: dict, name: str, last: bool = False) -> Path:
     return Path(p["sets"]) / f"{name}-ipc{p['ipc']}-{p['row']}{'-last' if last else ''}.npz"
+
+
+def _save_set(p: dict, synthetic, last: bool = False) -> str:
+    from pad_ray.local_stages import save_synthetic
+
+    path = _set_path(p, p["name"], last)
+    save_synthetic(path, synthetic)
+    return str(path)
 
 
 def main() -> int:
