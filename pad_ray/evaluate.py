@@ -8,11 +8,13 @@ lr x0.1 at half the epochs.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from pad_ray.augment import DEFAULT_STRATEGY, dsa_if
 from pad_ray.config import EvalConfig, ModelConfig
@@ -65,8 +67,9 @@ def accuracy(net: nn.Module, split: Split, device: torch.device, batch: int = 10
 
 
 def train_on(synthetic: SyntheticSet, net: nn.Module, cfg: EvalConfig, seed: int, device: torch.device,
-             strategy: str = DEFAULT_STRATEGY) -> nn.Module:
-    """Train `net` on the synthetic set with the evaluation protocol; returns it trained."""
+             strategy: str = DEFAULT_STRATEGY, on_epoch: Callable[[], object] | None = None) -> nn.Module:
+    """Train `net` on the synthetic set with the evaluation protocol; returns it trained. `on_epoch` is
+    called after every epoch."""
     if torch.device(device).type == "cpu":
         keep_freed_memory_in_heap()  # reuse freed activation buffers instead of re-faulting them (see matching)
     images, labels = synthetic.images.detach().to(device), synthetic.labels.detach().to(device)
@@ -88,21 +91,28 @@ def train_on(synthetic: SyntheticSet, net: nn.Module, cfg: EvalConfig, seed: int
             optimizer.zero_grad(set_to_none=True)
             loss_fn(net(x), labels[batch]).backward()
             optimizer.step()
+        if on_epoch is not None:
+            on_epoch()
     return net
 
 
 def evaluate(synthetic: SyntheticSet, val: Split, test: Split, num_classes: int, model: ModelConfig,
              cfg: EvalConfig, seed: int, device: torch.device, *, num_nets: int | None = None,
-             models: tuple[str, ...] | None = None, strategy: str = DEFAULT_STRATEGY) -> Scores:
-    """Train `num_nets` fresh nets per architecture and measure validation and test accuracy."""
+             models: tuple[str, ...] | None = None, strategy: str = DEFAULT_STRATEGY,
+             progress: bool = False) -> Scores:
+    """Train `num_nets` fresh nets per architecture and measure validation and test accuracy. With `progress`,
+    a bar counts the nets' epochs: a final evaluation can take longer than the distillation before it."""
     channels, size = synthetic.images.shape[1], synthetic.images.shape[-1]
+    names, nets = models or cfg.models, num_nets or cfg.num_nets
     val_acc: dict[str, list[float]] = {}
     test_acc: dict[str, list[float]] = {}
-    for name in models or cfg.models:
-        for k in range(num_nets or cfg.num_nets):
-            net_seed = derive_seed(seed, "eval", name, k)
-            net = seeded_model(model, channels, num_classes, size, net_seed, name=name).to(device)
-            train_on(synthetic, net, cfg, net_seed, device, strategy)
-            val_acc.setdefault(name, []).append(accuracy(net, val, device))
-            test_acc.setdefault(name, []).append(accuracy(net, test, device))
+    with tqdm(total=len(names) * nets * cfg.epochs, desc="evaluation", unit="epoch", disable=not progress) as bar:
+        for name in names:
+            for k in range(nets):
+                bar.set_postfix_str(f"{name} net {k + 1}/{nets}")
+                net_seed = derive_seed(seed, "eval", name, k)
+                net = seeded_model(model, channels, num_classes, size, net_seed, name=name).to(device)
+                train_on(synthetic, net, cfg, net_seed, device, strategy, on_epoch=bar.update)
+                val_acc.setdefault(name, []).append(accuracy(net, val, device))
+                test_acc.setdefault(name, []).append(accuracy(net, test, device))
     return Scores(val_acc, test_acc)

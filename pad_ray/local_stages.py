@@ -203,10 +203,11 @@ def save_grid(path: Path, synthetic: SyntheticSet, data: datasets.Dataset, ipc: 
     save_image(images, path, nrow=ipc if ipc > 1 else min(data.num_classes, 10), padding=1)
 
 
-def final_evaluation(cfg: RunConfig, data: datasets.Dataset, synthetic: SyntheticSet, device: torch.device) -> dict:
+def final_evaluation(cfg: RunConfig, data: datasets.Dataset, synthetic: SyntheticSet, device: torch.device,
+                     progress: bool = True) -> dict:
     """`evaluate.num_nets` fresh nets per architecture: mean and std of validation and test accuracy."""
     scores = evaluate(synthetic, data.val, data.test, data.num_classes, cfg.model, cfg.evaluate,
-                      derive_seed(cfg.seed, "final-eval"), device, strategy=cfg.augment.strategy)
+                      derive_seed(cfg.seed, "final-eval"), device, strategy=cfg.augment.strategy, progress=progress)
     result = {}
     for name in scores.test:
         val_mean, val_std = Scores.summary(scores.val[name])

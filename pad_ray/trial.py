@@ -67,7 +67,7 @@ def _final_evaluation(cfg: RunConfig, data: Dataset, best, device: torch.device)
     """`evaluate.num_nets` fresh nets of each architecture of `evaluate.models` on the best set (chosen
     on validation), as `final_test_accuracy/resnet18`, ...; the first architecture listed is also the
     trial's headline `final_test_accuracy`."""
-    evaluations = local_stages.final_evaluation(cfg, data, best, device)
+    evaluations = local_stages.final_evaluation(cfg, data, best, device, progress=False)  # a trial reports through Tune
     named = {"": evaluations[cfg.evaluate.models[0]], **{f"/{name}": e for name, e in evaluations.items()}}
     return {f"{metric}{suffix}": evaluation[field] for suffix, evaluation in named.items()
             for metric, field in (("final_test_accuracy", "test_mean"), ("final_test_std", "test_std"),

@@ -154,6 +154,28 @@ def test_evaluate_reports_num_nets_scores_per_architecture():
     assert again == scores
 
 
+def test_evaluate_progress_counts_every_epoch_of_every_net_and_changes_no_score(capsys):
+    data = tiny_dataset()
+    cfg = tiny_config(evaluate={"num_nets": 2, "epochs": 3, "models": ["convnet", "mlp"]})
+    synthetic = _small_synthetic(data)
+    quiet = evaluate(synthetic, data.val, data.test, 3, cfg.model, cfg.evaluate, seed=5, device=CPU)
+    assert capsys.readouterr().err == ""
+    shown = evaluate(synthetic, data.val, data.test, 3, cfg.model, cfg.evaluate, seed=5, device=CPU, progress=True)
+    err = capsys.readouterr().err
+    assert shown == quiet
+    # 2 architectures x 2 nets x 3 epochs, and the net it is on.
+    assert "evaluation" in err and "12/12" in err and "mlp net 2/2" in err, err
+
+
+def test_train_on_calls_on_epoch_once_per_epoch():
+    data = tiny_dataset()
+    cfg = _no_dsa(epochs=4)
+    epochs = []
+    train_on(_small_synthetic(data), _fresh(cfg), cfg.evaluate, seed=0, device=CPU,
+             on_epoch=lambda: epochs.append(len(epochs)))
+    assert epochs == [0, 1, 2, 3]
+
+
 def test_evaluate_defaults_come_from_the_config():
     data = tiny_dataset()
     cfg = tiny_config(evaluate={"num_nets": 2, "models": ["mlp"]})
