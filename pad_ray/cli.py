@@ -30,9 +30,13 @@ from pad_ray.sweep_config import add_sweep_flags, check_sweep, finite_grid, load
 # `validate` and every config error answer at once.
 
 STAGES = ("scores", "experts", "distill", "evaluate", "run")
+SOURCE_HELP = ("a distilled_best.safetensors, a run folder, a Tune trial folder, a sweep folder (its best trial), or "
+               "an MLflow artifact URI (runs:/RUN_ID/distilled_best.safetensors)")
+TRACKING_URI_HELP = "MLflow tracking URI for runs:/ sources (default: MLFLOW_TRACKING_URI)"
 
 
-def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path | None) -> dict[str, Any]:
+def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic: str | None = None,
+              tracking_uri: str | None = None) -> dict[str, Any]:
     import torch
 
     from pad_ray import files, local_stages
@@ -44,14 +48,14 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic_path: Path
     out = out or local_stages.run_dir(cfg)
     data = local_stages.load_data(cfg)
     if stage == "evaluate":
-        path = synthetic_path or out / "synthetic_best.npz"
-        if path.suffix == ".safetensors":
+        source = synthetic or str(out / "synthetic_best.npz")
+        if source.endswith(".npz"):
+            chosen = local_stages.load_synthetic(Path(source), data)
+        else:
             from pad_ray.distilled import for_evaluation
 
-            synthetic = for_evaluation(path, data)
-        else:
-            synthetic = local_stages.load_synthetic(path, data)
-        return local_stages.final_evaluation(cfg, data, synthetic, device)
+            chosen = for_evaluation(source, data, tracking_uri)
+        return local_stages.final_evaluation(cfg, data, chosen, device)
     if cfg.resources.workers > 0:
         order, trajectories = _experts_on_ray(stage, cfg, data)
     else:
@@ -100,7 +104,7 @@ def _stage(args: argparse.Namespace) -> int:
     from pad_ray.distill import DivergenceError  # after the config: its errors need no torch
 
     try:
-        result = run_stage(args.command, cfg, args.out, args.synthetic)
+        result = run_stage(args.command, cfg, args.out, args.synthetic, args.tracking_uri)
     except DivergenceError as exc:
         print(f"pad-ray: diverged: {exc}", file=sys.stderr)
         return 1
@@ -196,7 +200,12 @@ def _parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         sub = command(stage, _stage, "YAML run config (see: pad-ray presets)", "distill.iterations=20")
         sub.add_argument("--out", type=Path, help="run folder (default: output_dir/<preset>-<hash>)")
-        sub.add_argument("--synthetic", type=Path, help="distilled set to evaluate (default: the run's best)")
+        if stage == "evaluate":
+            sub.add_argument("--synthetic", metavar="SOURCE",
+                             help=f"the distilled set to evaluate (default: the run's best): {SOURCE_HELP}")
+            sub.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
+        else:
+            sub.set_defaults(synthetic=None, tracking_uri=None)
     add_sweep_flags(command("sweep", _sweep, "sweep YAML (see sweeps/)", "base.distill.iterations=20"))
     command("validate", _validate, "YAML run config or sweep file", "distill.alpha=0.3")
     command("presets", _presets, None).set_defaults(file=Path("pad-ray presets"))
@@ -205,13 +214,11 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--root", type=Path, required=True, help="data.root of the configs that will read it")
     data.set_defaults(file=Path("pad-ray data"))
     export = command("export", _export, None)
-    export.add_argument("source", metavar="SOURCE", help="a distilled_best.safetensors, a run folder, a Tune trial "
-                        "folder, a sweep folder (its best trial), or an MLflow artifact URI "
-                        "(runs:/RUN_ID/distilled_best.safetensors)")
+    export.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     # Checked by the command, not argparse: a bad value is then one line, as every other input error.
     export.add_argument("--format", default="safetensors", help="safetensors (default) or imagefolder")
     export.add_argument("--out", type=Path, required=True, help="folder to create (missing or empty)")
-    export.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ sources (default: MLFLOW_TRACKING_URI)")
+    export.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
     export.set_defaults(file=Path("pad-ray export"))
     return parser
 

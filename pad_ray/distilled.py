@@ -311,21 +311,21 @@ def load_distilled(source: str | os.PathLike[str], space: str = "preprocessed", 
     return DistilledSet(tensors, meta, space, soft)
 
 
-def for_evaluation(path: Path, data: Dataset) -> SyntheticSet:
-    """The set `pad-ray evaluate --synthetic FILE.safetensors` trains on: only if it was made under the
-    preprocessing of the data it is to be measured on (another split fits another ZCA)."""
-    distilled = load_distilled(path)
+def for_evaluation(source: str, data: Dataset, tracking_uri: str | None = None) -> SyntheticSet:
+    """The set `pad-ray evaluate --synthetic SOURCE` trains on (SOURCE as `load_distilled`'s): only if it
+    was made under the preprocessing of the data it is to be measured on (another split fits another ZCA)."""
+    distilled = load_distilled(source, tracking_uri=tracking_uri)
     mine = Preprocessing.of(data)
     theirs = distilled.preprocessing
     same = (theirs.kind == mine.kind and theirs.mean.shape == mine.mean.shape
             and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(theirs.tensors().values(), mine.tensors().values())))
     if list(distilled.images.shape[1:]) != [data.channels, data.image_size, data.image_size] \
             or len(distilled.class_names) != data.num_classes:
-        raise files.IntegrityError(f"{path}: a distilled set of {list(distilled.images.shape[1:])} images and "
+        raise files.IntegrityError(f"{source}: a distilled set of {list(distilled.images.shape[1:])} images and "
                                    f"{len(distilled.class_names)} classes, but {data.name} has "
                                    f"{[data.channels, data.image_size, data.image_size]} and {data.num_classes}")
     if not same:
-        raise files.IntegrityError(f"{path}: made under another preprocessing ({theirs.kind}) than this config's "
+        raise files.IntegrityError(f"{source}: made under another preprocessing ({theirs.kind}) than this config's "
                                    f"({mine.kind}, data.seed/train_per_class/zca decide it); evaluate it with the "
                                    "config in its metadata")
     return distilled.synthetic()

@@ -303,6 +303,10 @@ def test_export_load_and_evaluate_give_the_accuracy_the_run_reported(smoke_run, 
     again = _cli("evaluate", config, "--synthetic", exported / "distilled.safetensors")
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout) == summary["evaluation"]  # same seeds: the same nets, the same accuracy
+    # Any SOURCE that export takes: here the run folder, whose distilled_best.safetensors it finds.
+    by_folder = _cli("evaluate", config, "--synthetic", run_dir)
+    assert by_folder.returncode == 0, by_folder.stderr[-2000:]
+    assert json.loads(by_folder.stdout) == summary["evaluation"]
     # Under another preprocessing (ZCA instead of the normalisation) it is refused rather than measured wrongly.
     other = _cli("evaluate", config, "--synthetic", exported / "distilled.safetensors", "--set", "data.zca=true")
     assert other.returncode == 2 and "made under another preprocessing" in other.stderr
