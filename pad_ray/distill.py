@@ -238,16 +238,17 @@ class Distiller:
         return SyntheticSet(self.images.detach().cpu().clone(), self.labels.detach().cpu().clone(),
                             self.syn_lr.item())
 
-    def evaluate_now(self) -> Scores:
+    def evaluate_now(self, progress: bool = False) -> Scores:
         """The during-distillation evaluation: `eval_nets` fresh agent nets, seeded by the iteration."""
         cfg = self.cfg
         return evaluate(self.synthetic(), self.data.val, self.data.test, self.data.num_classes, cfg.model,
                         cfg.evaluate, derive_seed(cfg.seed, "distill-eval", self.iteration), self.device,
-                        num_nets=cfg.distill.eval_nets, models=(cfg.model.name,), strategy=cfg.augment.strategy)
+                        num_nets=cfg.distill.eval_nets, models=(cfg.model.name,), strategy=cfg.augment.strategy,
+                        progress=progress)
 
-    def evaluate_summary(self) -> tuple[float, float]:
+    def evaluate_summary(self, progress: bool = False) -> tuple[float, float]:
         """Mean validation and test accuracy of `evaluate_now` on the run's own architecture."""
-        scores = self.evaluate_now()
+        scores = self.evaluate_now(progress)
         name = self.cfg.model.name
         return Scores.summary(scores.val[name])[0], Scores.summary(scores.test[name])[0]
 
@@ -319,7 +320,7 @@ def distill(cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], d
     if d.eval_start and distiller.iteration == 0:
         # Not a report of its own (a sweep's rungs count evaluations of the distillation); its scores
         # ride on the first report.
-        val, test = distiller.evaluate_summary()
+        val, test = distiller.evaluate_summary(progress)
         distiller.record_best(val)
         start = {"start_val_accuracy": val, "start_test_accuracy": test}
     bar = tqdm(total=d.iterations, initial=distiller.iteration, desc="distill", disable=not progress)
@@ -332,7 +333,8 @@ def distill(cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], d
         bar.update(1)
         bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{stats.syn_lr:.4g}")
         if stats.iteration % d.eval_every == 0 or stats.iteration == d.iterations:
-            val, test = distiller.evaluate_summary()
+            # At IPC 50 one evaluation net takes minutes, during which the distill bar would stand still.
+            val, test = distiller.evaluate_summary(progress)
             distiller.record_best(val)
             metrics = {"iteration": stats.iteration, "loss": stats.loss, "skipped": distiller.skipped,
                        "clipped": distiller.clipped,

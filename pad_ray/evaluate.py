@@ -106,7 +106,9 @@ def evaluate(synthetic: SyntheticSet, val: Split, test: Split, num_classes: int,
     names, nets = models or cfg.models, num_nets or cfg.num_nets
     val_acc: dict[str, list[float]] = {}
     test_acc: dict[str, list[float]] = {}
-    with tqdm(total=len(names) * nets * cfg.epochs, desc="evaluation", unit="epoch", disable=not progress) as bar:
+    # leave=None: a final evaluation's bar stays; one nested under the distill bar goes when it is done.
+    with tqdm(total=len(names) * nets * cfg.epochs, desc="evaluation", unit="epoch", disable=not progress,
+              leave=None) as bar:
         for name in names:
             for k in range(nets):
                 bar.set_postfix_str(f"{name} net {k + 1}/{nets}")

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -138,6 +140,19 @@ def test_distill_resumes_from_its_checkpoint_file(tiny, tmp_path):
     resumed = distill(cfg, data, trajectories, CPU, state=files.load_torch(checkpoint), progress=False)
     _same_state(straight, resumed)
     assert resumed.best.iteration in (2, 4)
+
+
+def test_distill_shows_a_bar_for_each_of_its_evaluations_and_changes_nothing(tiny, capsys):
+    cfg, data, _, trajectories = tiny
+    quiet = distill(cfg, data, trajectories, CPU, progress=False)
+    assert capsys.readouterr().err == ""
+    shown = distill(cfg, data, trajectories, CPU, progress=True)
+    err = capsys.readouterr().err
+    _same_state(quiet, shown)
+    assert shown.best.iteration == quiet.best.iteration
+    # The start, iteration 2 and iteration 4 (eval_every 2): each opens an evaluation bar on its one net.
+    assert len(re.findall(r"evaluation: +0%[^\r]*convnet net 1/1", err)) == 3, err
+    assert "distill: 100%" in err
 
 
 def test_the_starting_set_is_evaluated_and_can_be_the_best(tiny):
