@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import ray
 import torch
+from ray._common.test_utils import wait_for_condition
+from ray.experimental import tqdm_ray
 
 from conftest import tiny_config, tiny_dataset
 from pad_ray import cli, local_stages, ray_stages
@@ -22,7 +24,7 @@ CPU = torch.device("cpu")
 
 
 def _driver(cluster):
-    ray.init(address=cluster.address, log_to_driver=False)
+    ray_stages.init_ray()  # as pad-ray and pad_ray.sweep join a cluster: RAY_ADDRESS, the workers' env, their logs
     try:
         yield cluster
     finally:
@@ -56,8 +58,21 @@ def _generate(*sets):
     return ray_stages.generate_experts([ray_stages.ExpertSet(cfg, data, order) for cfg, data, order in sets])
 
 
+def _record_bar_states(monkeypatch) -> list[dict]:
+    """The tqdm_ray states that reach this driver from workers' logs, as they arrive."""
+    manager = tqdm_ray.instance()
+    states, apply = [], manager.process_state_update
+
+    def record(state):
+        states.append(dict(state))
+        apply(state)
+
+    monkeypatch.setattr(manager, "process_state_update", record)
+    return states
+
+
 @pytest.mark.slow
-def test_ray_train_experts_equal_single_process_and_are_never_trained_twice(local_ray, tmp_path):
+def test_ray_train_experts_equal_single_process_and_are_never_trained_twice(local_ray, tmp_path, monkeypatch):
     cfg = with_absolute_paths(tiny_config(tmp_path))
     data, order = tiny_dataset(), _order(tiny_dataset())
     reference = _reference(cfg, data, order, 3)
@@ -66,7 +81,15 @@ def test_ray_train_experts_equal_single_process_and_are_never_trained_twice(loca
     other_data = tiny_dataset(seed=1)
     other_reference = _reference(other, other_data, _order(other_data), 2)
 
+    states = _record_bar_states(monkeypatch)
     store, other_store = _generate((cfg, data, order), (other, other_data, _order(other_data)))
+    # Each expert's bar reaches the driver and closes, and no state arrives twice: a second "closed" state
+    # would open the bar again, to be redrawn around every later driver print.
+    wait_for_condition(lambda: sum(s["closed"] for s in states) >= 4, timeout=60)
+    seen = [(s["uuid"], s["x"], s["closed"]) for s in states]
+    assert len(seen) == len(set(seen)), seen
+    assert sorted(s["desc"].rsplit(" expert ", 1)[1] for s in states if s["closed"]) == ["0", "0", "1", "1"]
+    assert not any(group.bars_by_uuid for group in tqdm_ray.instance().bar_groups.values())
     assert store.key != other_store.key
     assert store.missing(2) == [] and other_store.missing(2) == []
     for i in range(2):
