@@ -36,7 +36,7 @@ from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 # step: an expert's epoch took 1.7x as long in a Ray Train worker as in a main thread (BENCHMARKS.md,
 # section 2). With one arena every thread allocates from the main one. glibc reads this once, when a process
 # starts, so it travels as an environment variable of the job's worker processes.
-# Ray Train 2.5x's print patch sends a worker's print both to stdout and through its logger to stdout, so
+# Ray Train's print patch (Ray 2.60 here) sends a worker's print both to stdout and through its logger to stdout, so
 # every tqdm_ray state reached the driver twice, and the second copy of a bar's "closed" state opened the bar
 # again for good: finished expert bars were redrawn around every driver print until the sweep ended.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
