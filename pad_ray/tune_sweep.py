@@ -14,6 +14,7 @@ import ray
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from pad_ray import files, local_stages, progress, ray_stages, report, rerun, tracking
 from pad_ray.config import RunConfig
@@ -138,6 +139,10 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
                              data={seed: ray.put(split) for seed, split in splits.items()}, experts=experts,
                              threads=threads),
         {"cpu": sweep.trial_resources.cpu, "gpu": sweep.trial_resources.gpu})
+    # Tune's own records of each trial are its JSON and CSV loggers; its TensorBoard logger, added by
+    # default, cannot take the per-iteration `steps` a report carries (it warned with a dump of them), and
+    # MLflow already holds every metric. Read at fit, so a restored sweep leaves it out too.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if tune.Tuner.can_restore(path):
         # Finished and failed trials stay as they are; unfinished ones continue from their checkpoints.
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
@@ -155,7 +160,7 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
                 num_samples=_tune_samples(sweep), search_alg=_search_alg(sweep, seed),
                 reuse_actors=sweep.reuse_actors),
             run_config=tune.RunConfig(
-                name=sweep.name, storage_path=sweep.storage_path, callbacks=[callback],
+                name=sweep.name, storage_path=sweep.storage_path, callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )

@@ -103,6 +103,12 @@ def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(smoke_job, smoke
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 8
+    # Tune keeps its JSON and CSV record of every trial, and no TensorBoard files: nothing reads them, and
+    # their logger warned with a dump of each report's per-iteration steps.
+    trial_dirs = [p.parent for p in out.glob("pad_trial_*/params.json")]
+    assert len(trial_dirs) == 8 and all((d / "result.json").stat().st_size and (d / "progress.csv").stat().st_size
+                                        for d in trial_dirs)
+    assert not list(out.rglob("events.out.tfevents.*")) and "tensorboard" not in smoke_job.output.lower()
     top = rows[0]
     same_ipc = [r for r in rows if r["ipc"] == top["ipc"]]
     assert float(top["best_val_accuracy"]) == max(float(r["best_val_accuracy"]) for r in same_ipc)
