@@ -71,9 +71,10 @@ _HISTORY = ("iteration", "val_accuracy", "test_accuracy", "skipped", "clipped", 
 
 def child(p: dict) -> dict:
     from pad_ray import local_stages
-    from pad_ray.distill import Distiller, distill
-    from pad_ray.evaluate import Scores, random_real_subset
-    from pad_ray.runtime import derive_seed, generator, resolve_device
+    from pad_ray.controls import control_sets
+    from pad_ray.distill import distill
+    from pad_ray.evaluate import Scores
+    from pad_ray.runtime import resolve_device
     from pad_ray.trajectories import TrajectoryStore
 
     threads = common.set_threads(p.get("threads"))
@@ -93,9 +94,7 @@ def child(p: dict) -> dict:
         row.update(test=tests, nets=len(tests))
     elif p["row"] == "random":
         tests = []
-        for draw in range(p["draws"]):
-            subset = random_real_subset(data.train, data.num_classes, cfg.distill.ipc, cfg.distill.lr_teacher,
-                                        generator(derive_seed(cfg.seed, "random-subset", draw)))
+        for subset in control_sets("random", cfg, data, trajectories, p["draws"], dev):
             tests += local_stages.final_evaluation(cfg, data, subset, dev)[cfg.model.name]["test"]
         row.update(test=tests, nets=len(tests), draws=p["draws"])
     else:
@@ -104,7 +103,7 @@ def child(p: dict) -> dict:
             synthetic = local_stages.load_synthetic(source, data)
             row.update(set_from=str(source))
         elif p["row"] == "start":
-            synthetic = Distiller(cfg, data, trajectories, dev).synthetic()
+            (synthetic,) = control_sets("start", cfg, data, trajectories, 1, dev)
         else:
             # The run's own evaluations (`eval_nets` nets): what validation chose the best set from.
             history = []

@@ -381,4 +381,18 @@ def describe(sweep: SweepConfig, source: str) -> str:
     sets = expert_set_plans(sweep)
     return "\n".join([
         f"plan of sweep {sweep.name} ({source}); nothing has been trained, started or written", trials,
-        *_expert_lines(sets), *_object_store_lines(sweep, sets), *_memory_lines(sweep)])
+        _controls_line(sweep), *_expert_lines(sets), *_object_store_lines(sweep, sets), *_memory_lines(sweep)])
+
+
+def _controls_line(sweep: SweepConfig) -> str:
+    """What the controls (pad_ray.controls) add once the trials end: final evaluations of other sets."""
+    sets = [*(["its starting set"] if sweep.controls.starting_set else []),
+            *([f"{sweep.controls.random_subsets} random real subsets"] if sweep.controls.random_subsets else [])]
+    if not sets:
+        return "controls: none"
+    tops = 1
+    for key in sweep.group_by:
+        tops *= len(sweep.space[key].values)
+    which = f"the top trial of each {' x '.join(sweep.group_by)} ({tops})" if sweep.group_by else "the top trial"
+    evaluations = tops * (sweep.controls.starting_set + sweep.controls.random_subsets)
+    return f"controls: {which} against {' and '.join(sets)}: {evaluations} more final evaluations in all"

@@ -121,15 +121,20 @@ def difficulty_order(cfg: RunConfig, data: Dataset) -> list[torch.Tensor]:
     runs = [_el2n_task.options(**options).remote(train, data.num_classes, to_dict(cfg),
                                                   derive_seed(cfg.data.seed, "el2n", k), cfg.resources.cpus_per_worker)
             for k in range(cfg.difficulty.seeds)]
-    pending = list(runs)
     # Scoring takes minutes before any expert starts: a bar on the driver shows the seeds finishing.
-    with tqdm(total=len(runs), desc="EL2N seeds", file=sys.stderr) as bar:
+    order = order_by_score(torch.stack(gather(runs, "EL2N seeds")).mean(dim=0), data.train.labels, data.num_classes)
+    cache.save(order)
+    return order
+
+
+def gather(refs: list[ray.ObjectRef], desc: str) -> list[Any]:
+    """`ray.get` of `refs`, with a bar on the driver that counts them as they finish."""
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=desc, file=sys.stderr) as bar:
         while pending:
             done, pending = ray.wait(pending)
             bar.update(len(done))
-    order = order_by_score(torch.stack(ray.get(runs)).mean(dim=0), data.train.labels, data.num_classes)
-    cache.save(order)
-    return order
+    return ray.get(refs)
 
 
 def _split_on(arrays: tuple[np.ndarray, np.ndarray], device: torch.device) -> Split:

@@ -1,14 +1,17 @@
 """The end of a sweep: a results table (console and CSV, ranked within each IPC), the best config of
 each IPC as a ready-to-run YAML (`best_config_ipc10.yaml`; `best_config.yaml` when the sweep has no
-groups), and plots of accuracy against alpha per IPC and against IR x AEE per IPC, all logged to the
-sweep's parent run. An interrupted sweep's summary says it is partial: a `partial` column in the table
-and a `# partial:` line heading each best config."""
+groups), each IPC's top trial beside its controls (`controls.csv`: random real subsets and its starting
+set, `pad_ray.controls`), and plots of accuracy against alpha per IPC and against IR x AEE per IPC, all
+logged to the sweep's parent run. An interrupted sweep's summary says it is partial: a `partial` column
+in the table and a `# partial:` line heading each best config."""
 
 from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -22,6 +25,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pad_ray import distilled, files  # noqa: E402
 from pad_ray.config import to_dict  # noqa: E402
+from pad_ray.evaluate import Scores  # noqa: E402
 from pad_ray.sweep_config import SweepConfig, trial_config  # noqa: E402
 
 SCORE = "best_val_accuracy"  # selection is on validation, never on test
@@ -70,6 +74,59 @@ def results_table(results, sweep: SweepConfig, partial: bool = False) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def ranked_table(results, sweep: SweepConfig, partial: bool = False) -> pd.DataFrame:
+    """The results table ranked by validation within each group (IPC): trials of different IPCs are never
+    compared."""
+    groups = list(sweep.group_by)
+    return results_table(results, sweep, partial).sort_values(
+        [*groups, SCORE], ascending=[True] * len(groups) + [False], na_position="last")
+
+
+@dataclass(frozen=True)
+class Top:
+    """A group's top trial by validation."""
+
+    group: dict[str, Any]  # its values of the group keys: {"ipc": 10}, or {} when the sweep has no groups
+    params: dict[str, Any]  # its trial params, by their sweep names
+    row: pd.Series  # its row of the results table
+
+    @property
+    def suffix(self) -> str:
+        return _suffix(self.group)
+
+
+def _suffix(group: dict[str, Any]) -> str:
+    """`_ipc10` for the group {"ipc": 10}, as file names end; metric names end in `/ipc10`."""
+    return "".join(f"_{name}{value}" for name, value in group.items())
+
+
+def top_trials(table: pd.DataFrame, sweep: SweepConfig) -> list[Top]:
+    """The top trial of each group of a ranked table that has a scored trial."""
+    groups = list(sweep.group_by)
+    tops = []
+    for key, group in (table.groupby(groups, dropna=False) if groups else [((), table)]):
+        ranked = group.dropna(subset=[SCORE])
+        if not ranked.empty:
+            row = ranked.iloc[0]
+            tops.append(Top(dict(zip(groups, map(_plain, key))), {name: _plain(row[name]) for name in sweep.trial_keys},
+                            row))
+    return tops
+
+
+def controls_table(tops: list[Top], controls: list[dict[str, list[float]]]) -> pd.DataFrame:
+    """Each group's top trial beside its controls (test accuracy, mean and std over every net), and its lead
+    over each (NaN where the trial was stopped before its final evaluation)."""
+    rows = []
+    for top, by_kind in zip(tops, controls):
+        row = {**top.group, "trial_id": top.row["trial_id"], "final_test_accuracy": top.row["final_test_accuracy"]}
+        for kind, tests in by_kind.items():
+            mean, std = Scores.summary(tests)
+            row.update({f"{kind}_test_accuracy": mean, f"{kind}_test_std": std, f"{kind}_nets": len(tests),
+                        f"lead_over_{kind}": row["final_test_accuracy"] - mean})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def plot_alpha(table: pd.DataFrame, path: Path) -> bool:
     if "alpha" not in table or table["alpha"].nunique() < 2:
         return False
@@ -102,48 +159,61 @@ def plot_ir_aee(table: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def summarize(results, sweep: SweepConfig, where: str, client: MlflowClient, parent_run_id: str,
-              partial: bool = False) -> pd.DataFrame:
-    """Write the table, best config and plots to `where` (a folder or a URI) and the parent run."""
+def summarize(table: pd.DataFrame, controls: list[dict[str, list[float]]], sweep: SweepConfig, where: str,
+              client: MlflowClient, parent_run_id: str, partial: bool = False) -> pd.DataFrame:
+    """Write the ranked table, best configs, controls (of `top_trials(table)`, in order; none for an
+    interrupted sweep) and plots to `where` (a folder or a URI) and the parent run."""
     if "://" in where:
         with tempfile.TemporaryDirectory() as folder:
-            table = _summarize(results, sweep, Path(folder), client, parent_run_id, partial)
+            table = _summarize(table, controls, sweep, Path(folder), client, parent_run_id, partial)
             for path in Path(folder).iterdir():
                 files.upload(path, f"{where}/{path.name}")
             return table
-    return _summarize(results, sweep, Path(where), client, parent_run_id, partial)
+    return _summarize(table, controls, sweep, Path(where), client, parent_run_id, partial)
 
 
-def _summarize(results, sweep: SweepConfig, out: Path, client: MlflowClient, parent_run_id: str,
-               partial: bool) -> pd.DataFrame:
+def _summarize(table: pd.DataFrame, controls: list[dict[str, list[float]]], sweep: SweepConfig, out: Path,
+               client: MlflowClient, parent_run_id: str, partial: bool) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     groups = list(sweep.group_by)
-    # Ranked within each group (IPC): trials of different IPCs are never compared.
-    table = results_table(results, sweep, partial).sort_values([*groups, SCORE], ascending=[True] * len(groups) + [False],
-                                                      na_position="last")
     table = _with_mlflow_runs(table, sweep, client, parent_run_id)
     print(table.drop(columns=["mlflow_run_id", "distilled_set_uri"]).to_string(index=False))
     written = [out / "results.csv"]
     table.to_csv(written[0], index=False)
+    # The parent run's own metrics, so that its charts in MLflow say how each IPC went.
     summary = {"trials": len(table), **{f"trials_{status}": int((table["status"] == status).sum())
                                         for status in ("done", "stopped", "error", "unfinished")}}
     for key, group in (table.groupby(groups, dropna=False) if groups else [((), table)]):
-        suffix = "".join(f"_{name}{_plain(value)}" for name, value in zip(groups, key if groups else ()))
-        ranked = group.dropna(subset=[SCORE])
-        # The parent run's own metrics, so that its charts in MLflow say how each IPC went.
+        suffix = _suffix(dict(zip(groups, map(_plain, key))))
         summary[f"trials{suffix.replace('_', '/', 1)}"] = len(group)
-        if not ranked.empty:
-            summary[f"{SCORE}{suffix.replace('_', '/', 1)}"] = float(ranked.iloc[0][SCORE])
-            if pd.notna(ranked.iloc[0]["final_test_accuracy"]):
-                summary[f"best_trial_test_accuracy{suffix.replace('_', '/', 1)}"] = float(
-                    ranked.iloc[0]["final_test_accuracy"])
-            params = {name: _plain(ranked.iloc[0][name]) for name in sweep.trial_keys}
-            written.append(out / f"best_config{suffix}.yaml")
-            header = "# partial: true (the sweep was interrupted; best of the trials so far)\n" if partial else ""
-            written[-1].write_text(f"{header}# best trial of sweep {sweep.name} by {SCORE}{suffix.replace('_', ' ')}: "
-                                   f"{params}\n" + yaml.safe_dump(to_dict(trial_config(sweep, params)), sort_keys=False))
         if plot_ir_aee(group, out / f"accuracy_vs_ir_aee{suffix}.png"):
             written.append(out / f"accuracy_vs_ir_aee{suffix}.png")
+    tops = top_trials(table, sweep)
+    for top in tops:
+        at = top.suffix.replace("_", "/", 1)
+        summary[f"{SCORE}{at}"] = float(top.row[SCORE])
+        if pd.notna(top.row["final_test_accuracy"]):
+            summary[f"best_trial_test_accuracy{at}"] = float(top.row["final_test_accuracy"])
+        written.append(out / f"best_config{top.suffix}.yaml")
+        header = "# partial: true (the sweep was interrupted; best of the trials so far)\n" if partial else ""
+        written[-1].write_text(f"{header}# best trial of sweep {sweep.name} by {SCORE}{top.suffix.replace('_', ' ')}: "
+                               f"{top.params}\n" + yaml.safe_dump(to_dict(trial_config(sweep, top.params)),
+                                                                   sort_keys=False))
+    if controls:
+        against = controls_table(tops, controls)
+        print("\nEach top trial against its controls (test accuracy under its final evaluation: random real subsets "
+              "of its size, hard labels; its starting set):")
+        print(against.to_string(index=False))
+        written.append(out / "controls.csv")
+        against.to_csv(written[-1], index=False)
+        for top, (_, row) in zip(tops, against.iterrows()):
+            at = top.suffix.replace("_", "/", 1)
+            for kind in controls[0]:
+                for metric, column in ((f"control_{kind}_test_accuracy", f"{kind}_test_accuracy"),
+                                       (f"control_{kind}_test_std", f"{kind}_test_std"),
+                                       (f"lead_over_{kind}", f"lead_over_{kind}")):
+                    if pd.notna(row[column]):
+                        summary[f"{metric}{at}"] = float(row[column])
     if plot_alpha(table, out / "accuracy_vs_alpha.png"):
         written.append(out / "accuracy_vs_alpha.png")
     client.log_batch(parent_run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in summary.items()])

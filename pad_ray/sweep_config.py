@@ -82,6 +82,14 @@ class TrialResources(Section):
     gpu: float = Field(0.0, ge=0)
 
 
+class ControlsConfig(Section):
+    """What each group's top trial is read against, under that trial's own final evaluation: random real
+    subsets of its size (hard labels at lr_teacher; 0 draws: none) and its starting set (iteration 0)."""
+
+    random_subsets: int = Field(3, ge=0)
+    starting_set: bool = True
+
+
 class MlflowConfig(Section):
     tracking_uri: str = "sqlite:///runs/mlflow.db"
     experiment: str | None = None  # default: the sweep's name
@@ -102,6 +110,7 @@ class SweepConfig(Section):
     reuse_actors: bool = True
     storage_path: str = "runs/sweeps"
     mlflow: MlflowConfig = MlflowConfig()
+    controls: ControlsConfig = ControlsConfig()
 
     @property
     def group_by(self) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-from pad_ray import files, local_stages, progress, ray_stages, report, rerun, tracking
+from pad_ray import controls, files, local_stages, progress, ray_stages, report, rerun, tracking
 from pad_ray.config import RunConfig
 from pad_ray.data import Dataset
 from pad_ray.plan import expert_sets
@@ -134,9 +134,9 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
     os.environ[PARENT_RUN_ENV] = parent_id
     max_t = evaluations_by_group(sweep)
     threads = max(1, int(sweep.trial_resources.cpu))
+    data = {seed: ray.put(split) for seed, split in splits.items()}
     trainable = tune.with_resources(
-        tune.with_parameters(pad_trial, sweep=sweep.model_dump(mode="json"),
-                             data={seed: ray.put(split) for seed, split in splits.items()}, experts=experts,
+        tune.with_parameters(pad_trial, sweep=sweep.model_dump(mode="json"), data=data, experts=experts,
                              threads=threads),
         {"cpu": sweep.trial_resources.cpu, "gpu": sweep.trial_resources.gpu})
     # Tune's own records of each trial are its JSON and CSV loggers; its TensorBoard logger, added by
@@ -174,8 +174,12 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
         print(f"pad_ray.sweep: interrupted: {run.unfinished} of {sweep.total_trials} trials did not finish; the "
               f"results in {path} are partial (partial=true); run the same command again to resume",
               file=sys.stderr)
+    table = report.ranked_table(results, sweep, partial=bool(run.unfinished))
+    # An interrupted sweep stops here: its top trials are not final, and the user asked it to stop.
+    measured = [] if run.unfinished else controls.measure(
+        [trial_config(sweep, top.params) for top in report.top_trials(table, sweep)], sweep, data, experts, path)
     try:
-        report.summarize(results, sweep, path, client, parent_id, partial=bool(run.unfinished))
+        report.summarize(table, measured, sweep, path, client, parent_id, partial=bool(run.unfinished))
         tracking.end_parent(client, parent_id, partial=bool(run.unfinished))
     except (MlflowException, OSError) as exc:  # requests' errors are OSErrors
         # The callback has said so already when it holds updates; then this is the same outage.

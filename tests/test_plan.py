@@ -70,6 +70,21 @@ def test_trial_count_is_grid_points_times_repeats():
     assert sweep.total_trials == 3 * 2 * 2  # choice and uniform are drawn per trial, not crossed
 
 
+@pytest.mark.parametrize("controls, line", [
+    ({}, "the top trial of each ipc (3) against its starting set and 3 random real subsets: 12 more final "
+         "evaluations in all"),
+    ({"random_subsets": 5, "starting_set": False}, "the top trial of each ipc (3) against 5 random real subsets: "
+                                                   "15 more final evaluations in all"),
+    ({"random_subsets": 0, "starting_set": False}, "none")])
+def test_the_plan_counts_the_final_evaluations_the_controls_add(controls, line):
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["space"]["ipc"] = [1, 2, 3]
+    raw["controls"] = controls
+    sweep, problems = check_sweep(raw)
+    assert not problems
+    assert plan._controls_line(sweep) == f"controls: {line}"
+
+
 # -- the memory model ------------------------------------------------------------------------------------
 
 def test_memory_grows_with_steps_batch_and_ipc_on_both_paths():

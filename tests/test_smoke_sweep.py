@@ -135,6 +135,46 @@ def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(smoke_job, smoke
 
 
 
+def test_the_top_trial_stands_beside_its_controls_scored_as_its_final_evaluation(smoke_job, smoke):
+    """Random real subsets of the top trial's size and its starting set, each scored by that trial's final
+    evaluation: in controls.csv, in the parent run, and the same numbers when scored again here."""
+    import torch
+
+    from pad_ray import local_stages
+    from pad_ray.controls import control_sets
+    from pad_ray.sweep_config import trial_config
+
+    out = smoke_job.home / "sweeps" / "smoke"
+    top = next(csv.DictReader((out / "results.csv").open()))
+    (against,) = csv.DictReader((out / "controls.csv").open())
+    assert against["trial_id"] == top["trial_id"] and against["final_test_accuracy"] == top["final_test_accuracy"]
+    assert "Each top trial against its controls" in smoke_job.output
+
+    cfg = trial_config(smoke, {"alpha": float(top["alpha"]), "ir": float(top["ir"])})
+    cpu = torch.device("cpu")
+    data = local_stages.load_data(cfg)
+    trajectories = local_stages.ensure_experts(cfg, data, local_stages.difficulty_order(cfg, data, cpu), cpu)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the job's tasks ran (a trial's 1 CPU): the same arithmetic, the same scores
+    try:
+        for kind, draws in (("start", 1), ("random", 3)):
+            tests = [acc for synthetic in control_sets(kind, cfg, data, trajectories, draws, cpu)
+                     for acc in local_stages.final_evaluation(cfg, data, synthetic, cpu, progress=False)["convnet"]["test"]]
+            assert len(tests) == int(against[f"{kind}_nets"]) == draws * cfg.evaluate.num_nets
+            assert float(against[f"{kind}_test_accuracy"]) == pytest.approx(sum(tests) / len(tests), abs=1e-12)
+            if top["final_test_accuracy"]:  # else ASHA stopped the top trial before its final evaluation
+                lead = float(top["final_test_accuracy"]) - float(against[f"{kind}_test_accuracy"])
+                assert float(against[f"lead_over_{kind}"]) == pytest.approx(lead)
+    finally:
+        torch.set_num_threads(threads)
+
+    client, _, (parent,) = children(smoke_job.home, tracking_uri=smoke_job.server)
+    for kind in ("start", "random"):
+        assert parent.data.metrics[f"control_{kind}_test_accuracy"] == pytest.approx(
+            float(against[f"{kind}_test_accuracy"]))
+    assert "controls.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
 def test_a_submitted_sweep_in_mlflow_reads_without_opening_each_run(smoke_job, smoke):
     """The copied working dir of `ray job submit` changes nothing: Tune's folders are where PAD_RAY_HOME says,
     and every child run holds its own trial's values and read its own IR's expert set from the store there."""

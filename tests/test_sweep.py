@@ -116,7 +116,7 @@ def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list(driver_tmp.glob("pad_ray_artifacts_*"))  # every staged copy went once logged
 
-    _, trials, _ = children(sweep_home, "ipcs")
+    _, trials, (parent,) = children(sweep_home, "ipcs")
     out = sweep_home / "sweeps" / "ipcs"
     table = list(csv.DictReader((out / "results.csv").open()))
     assert [row["ipc"] for row in table] == ["1"] * 4 + ["2"] * 4  # ranked within each IPC
@@ -135,6 +135,14 @@ def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config
         assert scores == sorted(scores, reverse=True)
         best = yaml.safe_load((out / f"best_config_ipc{ipc}.yaml").read_text())
         assert best["distill"]["ipc"] == ipc and best["distill"]["alpha"] == float(rows[0]["alpha"])
+        # Each IPC's top trial against its own controls, of its own size: a row and parent-run metrics per IPC.
+        (against,) = [row for row in csv.DictReader((out / "controls.csv").open()) if row["ipc"] == str(ipc)]
+        assert against["trial_id"] == rows[0]["trial_id"]
+        nets = best["evaluate"]["num_nets"]
+        assert (int(against["start_nets"]), int(against["random_nets"])) == (nets, 3 * nets)
+        for kind in ("start", "random"):
+            assert parent.data.metrics[f"control_{kind}_test_accuracy/ipc{ipc}"] == pytest.approx(
+                float(against[f"{kind}_test_accuracy"]))
     assert not (out / "best_config.yaml").exists()
 
 
@@ -276,6 +284,7 @@ def test_a_sweep_stopped_by_ctrl_c_then_killed_resumes_without_rerunning_or_dupl
     rows = list(csv.DictReader((folder / "results.csv").open()))
     assert {row["partial"] for row in rows} == {"True"} and "unfinished" in {row["status"] for row in rows}
     assert (folder / "best_config.yaml").read_text().startswith("# partial: true")
+    assert not (folder / "controls.json").exists()  # an interrupted sweep stops without measuring its controls
     interrupted = [running]
 
     # Resumed, then killed outright: nothing is saved on the way out and the parent run is left RUNNING.
@@ -296,6 +305,7 @@ def test_a_sweep_stopped_by_ctrl_c_then_killed_resumes_without_rerunning_or_dupl
     assert all(r.info.status == "FINISHED" for r in trials)
     rows = list(csv.DictReader((folder / "results.csv").open()))
     assert {row["partial"] for row in rows} == {"False"} and "unfinished" not in {row["status"] for row in rows}
+    assert (folder / "controls.csv").is_file()  # measured once it finished
     evaluations = {r.info.run_id: assert_each_step_once(client, r) for r in trials}  # nothing twice, no gaps
     for run_id, count in done.items():
         assert evaluations[run_id] == count  # not rerun
@@ -329,6 +339,9 @@ def test_edited_rerun_is_refused_before_any_work_unless_resume_or_fresh(sweep_ho
     first = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
     assert first.returncode == 0, first.stderr[-3000:]
     (first_trial,) = tune_trials(home, "rerun")
+    controls = home / "sweeps" / "rerun" / "controls.json"
+    measured = controls.read_bytes()
+    assert "controls: " in first.stderr  # their bar
 
     # The edit asks for the IR 0.75 experts, which this store no longer has: a start that trained them shows.
     sweep["space"] = {"alpha": [0.2], "ir": [0.5, 0.75]}
@@ -351,6 +364,10 @@ def test_edited_rerun_is_refused_before_any_work_unless_resume_or_fresh(sweep_ho
     assert not experts_075.exists()  # the old space needs no IR 0.75 experts
     assert list(tune_trials(home, "rerun")) == [first_trial]
     assert [row["alpha"] for row in csv.DictReader((home / "sweeps" / "rerun" / "results.csv").open())] == ["0.1"]
+    # Its controls were measured once: the same scores again, from the sweep's folder (the file's time changes:
+    # a restored Tuner syncs the whole folder back from its staging copy).
+    assert controls.read_bytes() == measured and "controls: " not in resumed.stderr  # no task, no bar
+    assert "Each top trial against its controls" in resumed.stdout
     _, trials, parents = children(home, "rerun")
     assert len(trials) == 1 and len(parents) == 1 and parents[0].info.status == "FINISHED"
 

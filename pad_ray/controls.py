@@ -1,0 +1,90 @@
+"""What a sweep's results are read against (`controls` in the sweep file). For the top trial of each group
+(IPC), scored by that trial's own final evaluation (its nets, net seeds and epochs):
+
+- random real subsets of the same size, hard labels at lr_teacher: the set a distilled one must beat;
+- the trial's starting set, iteration 0 of its distillation: what the distillation itself added.
+
+Each kind is a Ray task with a trial's resources, measured once per config: the sweep's folder keeps the
+scores (`controls.json`), so rerunning or resuming a sweep does not pay for them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import ray
+import torch
+
+from pad_ray import files, local_stages, ray_stages
+from pad_ray.config import RunConfig, to_dict
+from pad_ray.data import Dataset
+from pad_ray.distill import Distiller
+from pad_ray.evaluate import random_real_subset
+from pad_ray.runtime import derive_seed, generator
+from pad_ray.sweep_config import SweepConfig
+from pad_ray.trajectories import TrajectoryStore
+
+CACHE = "controls.json"
+
+
+def control_sets(kind: str, cfg: RunConfig, data: Dataset, trajectories: list, draws: int,
+                 device: torch.device) -> list:
+    """The sets of one control: `draws` random real subsets (the draws `benchmarks/quality.py` makes too), or
+    the starting set the run's distillation begins from."""
+    if kind == "random":
+        return [random_real_subset(data.train, data.num_classes, cfg.distill.ipc, cfg.distill.lr_teacher,
+                                   generator(derive_seed(cfg.seed, "random-subset", draw))) for draw in range(draws)]
+    return [Distiller(cfg, data, trajectories, device).synthetic()]
+
+
+@ray.remote
+def _control_task(kind: str, cfg: dict[str, Any], data: Dataset, trajectories: list[ray.ObjectRef], draws: int,
+                  threads: int) -> list[float]:
+    """Each evaluation net's test accuracy on the headline architecture (the trial's `final_test_accuracy`),
+    over every set of the control."""
+    torch.set_num_threads(threads)
+    run = RunConfig.model_validate(cfg)
+    device = ray_stages.task_device()
+    sets = control_sets(kind, run, data, ray.get(trajectories) if kind == "start" else [], draws, device)
+    head = run.evaluate.models[0]
+    return [acc for synthetic in sets
+            for acc in local_stages.final_evaluation(run, data, synthetic, device, progress=False)[head]["test"]]
+
+
+def kinds(sweep: SweepConfig) -> list[tuple[str, int]]:
+    """The controls the sweep asks for, with their draws."""
+    wanted = [("start", 1)] if sweep.controls.starting_set else []
+    return wanted + ([("random", sweep.controls.random_subsets)] if sweep.controls.random_subsets else [])
+
+
+def _key(kind: str, cfg: RunConfig, draws: int) -> str:
+    return hashlib.sha256(json.dumps([kind, draws, to_dict(cfg)], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def measure(configs: list[RunConfig], sweep: SweepConfig, data: dict[int, ray.ObjectRef],
+            experts: dict[str, list[ray.ObjectRef]], folder: str) -> list[dict[str, list[float]]]:
+    """For each config (a group's top trial), each wanted control's test accuracies by kind."""
+    cache_file = f"{folder}/{CACHE}"
+    try:
+        cache = files.read_json(cache_file) if files.exists(cache_file) else {}
+    except (OSError, ValueError):  # unreadable: measured again and rewritten
+        cache = {}
+    keys = [{kind: _key(kind, cfg, draws) for kind, draws in kinds(sweep)} for cfg in configs]
+    tasks = {}
+    for cfg, by_kind in zip(configs, keys):
+        for kind, draws in kinds(sweep):
+            if by_kind[kind] not in cache and by_kind[kind] not in tasks:
+                tasks[by_kind[kind]] = _control_task.options(
+                    num_cpus=sweep.trial_resources.cpu, num_gpus=sweep.trial_resources.gpu).remote(
+                    kind, to_dict(cfg), data[cfg.data.seed], experts[TrajectoryStore(cfg.store_dir, cfg).key], draws,
+                    max(1, int(sweep.trial_resources.cpu)))
+    if tasks:
+        described = {key: (kind, draws, cfg) for cfg, by_kind in zip(configs, keys)
+                     for kind, draws in kinds(sweep) for key in [by_kind[kind]]}
+        for key, tests in zip(tasks, ray_stages.gather(list(tasks.values()), "controls")):
+            kind, draws, cfg = described[key]
+            cache[key] = {"kind": kind, "draws": draws, "test_accuracy": tests, "config": to_dict(cfg)}
+        files.write_json(cache_file, cache)
+    return [{kind: cache[key]["test_accuracy"] for kind, key in by_kind.items()} for by_kind in keys]
