@@ -244,7 +244,7 @@ class Distiller:
         return evaluate(self.synthetic(), self.data.val, self.data.test, self.data.num_classes, cfg.model,
                         cfg.evaluate, derive_seed(cfg.seed, "distill-eval", self.iteration), self.device,
                         num_nets=cfg.distill.eval_nets, models=(cfg.model.name,), strategy=cfg.augment.strategy,
-                        progress=progress)
+                        progress=progress, leave=False)
 
     def evaluate_summary(self, progress: bool = False) -> tuple[float, float]:
         """Mean validation and test accuracy of `evaluate_now` on the run's own architecture."""

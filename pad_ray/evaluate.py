@@ -99,16 +99,18 @@ def train_on(synthetic: SyntheticSet, net: nn.Module, cfg: EvalConfig, seed: int
 def evaluate(synthetic: SyntheticSet, val: Split, test: Split, num_classes: int, model: ModelConfig,
              cfg: EvalConfig, seed: int, device: torch.device, *, num_nets: int | None = None,
              models: tuple[str, ...] | None = None, strategy: str = DEFAULT_STRATEGY,
-             progress: bool = False) -> Scores:
+             progress: bool = False, leave: bool = True) -> Scores:
     """Train `num_nets` fresh nets per architecture and measure validation and test accuracy. With `progress`,
-    a bar counts the nets' epochs: a final evaluation can take longer than the distillation before it."""
+    a bar counts the nets' epochs (a final evaluation can take longer than the distillation before it); it
+    stays when done if `leave`, else it is cleared (an evaluation under the distill bar)."""
     channels, size = synthetic.images.shape[1], synthetic.images.shape[-1]
     names, nets = models or cfg.models, num_nets or cfg.num_nets
     val_acc: dict[str, list[float]] = {}
     test_acc: dict[str, list[float]] = {}
-    # leave=None: a final evaluation's bar stays; one nested under the distill bar goes when it is done.
+    # Explicit, not tqdm's leave=None (keep the bar only at position 0): any other bar still open in the process
+    # would move a final evaluation's bar down, and it would vanish with its last count.
     with tqdm(total=len(names) * nets * cfg.epochs, desc="evaluation", unit="epoch", disable=not progress,
-              leave=None) as bar:
+              leave=leave) as bar:
         for name in names:
             for k in range(nets):
                 bar.set_postfix_str(f"{name} net {k + 1}/{nets}")

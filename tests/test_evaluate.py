@@ -1,5 +1,6 @@
 """Evaluation: accuracy, the training protocol on a (synthetic) set, and the per-architecture scores."""
 
+import io
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from tqdm.auto import tqdm
 
 from conftest import tiny_config, tiny_dataset
 from pad_ray.data import Split
@@ -160,11 +162,19 @@ def test_evaluate_progress_counts_every_epoch_of_every_net_and_changes_no_score(
     synthetic = _small_synthetic(data)
     quiet = evaluate(synthetic, data.val, data.test, 3, cfg.model, cfg.evaluate, seed=5, device=CPU)
     assert capsys.readouterr().err == ""
-    shown = evaluate(synthetic, data.val, data.test, 3, cfg.model, cfg.evaluate, seed=5, device=CPU, progress=True)
+    # Another bar still open in the process (as one an earlier test left, or a caller's) moves this one down a
+    # line; it must still end on its full count.
+    with tqdm(total=1, file=io.StringIO()):
+        shown = evaluate(synthetic, data.val, data.test, 3, cfg.model, cfg.evaluate, seed=5, device=CPU,
+                         progress=True)
     err = capsys.readouterr().err
     assert shown == quiet
     # 2 architectures x 2 nets x 3 epochs, and the net it is on.
     assert "evaluation" in err and "12/12" in err and "mlp net 2/2" in err, err
+    # Under the distill bar an evaluation's bar goes when it is done: its last line is blank.
+    evaluate(synthetic, data.val, data.test, 3, cfg.model, cfg.evaluate, seed=5, device=CPU, progress=True,
+             leave=False)
+    assert capsys.readouterr().err.split("\r")[-1].strip() == ""
 
 
 def test_train_on_calls_on_epoch_once_per_epoch():
