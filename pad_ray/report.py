@@ -118,13 +118,42 @@ def controls_table(tops: list[Top], controls: list[dict[str, list[float]]]) -> p
     over each (NaN where the trial was stopped before its final evaluation)."""
     rows = []
     for top, by_kind in zip(tops, controls):
-        row = {**top.group, "trial_id": top.row["trial_id"], "final_test_accuracy": top.row["final_test_accuracy"]}
+        row = {**top.group, "trial_id": top.row["trial_id"], "final_test_accuracy": top.row["final_test_accuracy"],
+               "final_test_std": top.row["final_test_std"]}
         for kind, tests in by_kind.items():
             mean, std = Scores.summary(tests)
             row.update({f"{kind}_test_accuracy": mean, f"{kind}_test_std": std, f"{kind}_nets": len(tests),
                         f"lead_over_{kind}": row["final_test_accuracy"] - mean})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def plot_controls(against: pd.DataFrame, groups: list[str], path: Path) -> None:
+    """Per group: the top trial's final test accuracy beside its controls' (error bars: std over nets), and
+    its lead over each in points, where differences of tenths at large IPCs show."""
+    bars = [(kind, label, f"C{k}") for k, (kind, label) in enumerate(
+        (("final", "top trial"), ("start", "its starting set"), ("random", "random real subsets")))
+        if f"{kind}_test_accuracy" in against]
+    names = ([" ".join(f"{g} {_plain(v)}" for g, v in zip(groups, values)) for values in zip(*(against[g] for g in groups))]
+             if groups else ["all trials"])
+
+    def slots(k: int, of: int) -> dict[str, Any]:
+        """Where the k-th of `of` bars stands beside each group's tick."""
+        return {"x": [i + (k - (of - 1) / 2) * 0.8 / of for i in range(len(names))], "width": 0.8 / of}
+
+    fig, (level, lead) = plt.subplots(1, 2, figsize=(3 + 1.6 * len(names), 3.5))
+    for k, (kind, label, color) in enumerate(bars):
+        level.bar(**slots(k, len(bars)), height=against[f"{kind}_test_accuracy"], yerr=against[f"{kind}_test_std"],
+                  capsize=3, label=label, color=color)
+    for k, (kind, _, color) in enumerate(bars[1:]):
+        lead.bar(**slots(k, len(bars) - 1), height=100 * against[f"lead_over_{kind}"], color=color)
+    level.set(xticks=range(len(names)), xticklabels=names, ylabel="test accuracy (final evaluation)")
+    level.legend(fontsize="small", loc="lower left")
+    lead.axhline(0, color="black", linewidth=0.8)
+    lead.set(xticks=range(len(names)), xticklabels=names, ylabel="top trial's lead (points)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_alpha(table: pd.DataFrame, path: Path) -> bool:
@@ -206,6 +235,8 @@ def _summarize(table: pd.DataFrame, controls: list[dict[str, list[float]]], swee
         print(against.to_string(index=False))
         written.append(out / "controls.csv")
         against.to_csv(written[-1], index=False)
+        written.append(out / "controls.png")
+        plot_controls(against, groups, written[-1])
         for top, (_, row) in zip(tops, against.iterrows()):
             at = top.suffix.replace("_", "/", 1)
             for kind in controls[0]:

@@ -172,7 +172,7 @@ def test_the_top_trial_stands_beside_its_controls_scored_as_its_final_evaluation
     for kind in ("start", "random"):
         assert parent.data.metrics[f"control_{kind}_test_accuracy"] == pytest.approx(
             float(against[f"{kind}_test_accuracy"]))
-    assert "controls.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"controls.csv", "controls.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_a_submitted_sweep_in_mlflow_reads_without_opening_each_run(smoke_job, smoke):
