@@ -35,8 +35,16 @@ class Plan:
     move_aside: str | None  # the folder --fresh moves away before the new sweep starts
 
 
+# Read only once every trial has ended, so a change asks nothing of the trials Tune restores: not an edit.
+AFTER_THE_TRIALS = {"controls"}
+
+
 def fingerprint(sweep: SweepConfig) -> str:
-    return hashlib.sha256(json.dumps(sweep.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_compared(sweep), sort_keys=True).encode()).hexdigest()
+
+
+def _compared(sweep: SweepConfig) -> dict[str, Any]:
+    return sweep.model_dump(mode="json", exclude=AFTER_THE_TRIALS)
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -79,7 +87,7 @@ def plan(sweep: SweepConfig, folder: str, rerun: Rerun, restorable: bool) -> Pla
                           f"({describe_errors(exc, SweepConfig)[0]}); pass --fresh to start a new sweep") from None
     if fingerprint(recorded) == fingerprint(sweep):
         return Plan(sweep, record["parent_run_id"], None)
-    changed = changed_keys(recorded.model_dump(mode="json"), sweep.model_dump(mode="json"))
+    changed = changed_keys(_compared(recorded), _compared(sweep))
     shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
     if rerun != "resume":
         raise ConfigError(f"sweep {sweep.name!r} in {folder} was started from a different sweep (changed: {shown}); "

@@ -52,6 +52,13 @@ def test_an_edited_sweep_is_refused_with_its_changed_keys_unless_resumed(started
     assert resumed.sweep == sweep and resumed.parent_run_id == "parent-1"
 
 
+def test_controls_are_not_an_edit_since_no_trial_reads_them(started):
+    """More random subsets for a finished sweep's controls: the same sweep, resumed with the new setting."""
+    sweep, folder = started
+    more = sweep.model_copy(update={"controls": sweep.controls.model_copy(update={"random_subsets": 5})})
+    assert rerun.plan(more, str(folder), None, restorable=True) == rerun.Plan(more, "parent-1", None)
+
+
 def test_a_record_this_schema_cannot_read_asks_for_fresh(started):
     sweep, folder = started
     _rewrite_record(folder, lambda recorded: recorded.update(retired_key=1))
