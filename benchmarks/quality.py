@@ -71,7 +71,6 @@ _HISTORY = ("iteration", "val_accuracy", "test_accuracy", "skipped", "clipped", 
 
 def child(p: dict) -> dict:
     from pad_ray import local_stages
-    from pad_ray.controls import control_sets
     from pad_ray.distill import distill
     from pad_ray.evaluate import Scores
     from pad_ray.runtime import resolve_device
@@ -94,7 +93,7 @@ def child(p: dict) -> dict:
         row.update(test=tests, nets=len(tests))
     elif p["row"] == "random":
         tests = []
-        for subset in control_sets("random", cfg, data, trajectories, p["draws"], dev):
+        for subset in local_stages.control_sets("random", cfg, data, trajectories, p["draws"], dev):
             tests += local_stages.final_evaluation(cfg, data, subset, dev)[cfg.model.name]["test"]
         row.update(test=tests, nets=len(tests), draws=p["draws"])
     else:
@@ -103,7 +102,7 @@ def child(p: dict) -> dict:
             synthetic = local_stages.load_synthetic(source, data)
             row.update(set_from=str(source))
         elif p["row"] == "start":
-            (synthetic,) = control_sets("start", cfg, data, trajectories, 1, dev)
+            (synthetic,) = local_stages.control_sets("start", cfg, data, trajectories, 1, dev)
         else:
             # The run's own evaluations (`eval_nets` nets): what validation chose the best set from.
             history = []

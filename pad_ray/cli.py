@@ -24,7 +24,7 @@ from typing import Any
 from pad_ray.config import (PRESET_DIR, PRESETS, ConfigError, RunConfig, check_config, load_config, parse_overrides,
                             preset_header, read_with_overrides, with_absolute_paths)
 from pad_ray.errors import input_error, input_error_types
-from pad_ray.sweep_config import add_sweep_flags, check_sweep, finite_grid, load_sweep
+from pad_ray.sweep_config import ControlsConfig, add_sweep_flags, check_sweep, finite_grid, load_sweep
 
 # torch, Ray and MLflow are imported inside the commands that use them, so that `--help`, `presets`,
 # `validate` and every config error answer at once.
@@ -36,7 +36,7 @@ TRACKING_URI_HELP = "MLflow tracking URI for runs:/ sources (default: MLFLOW_TRA
 
 
 def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic: str | None = None,
-              tracking_uri: str | None = None) -> dict[str, Any]:
+              tracking_uri: str | None = None, controls: bool = False) -> dict[str, Any]:
     import torch
 
     from pad_ray import files, local_stages
@@ -74,8 +74,24 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic: str | Non
                               "best_iteration": distiller.best.iteration}
     if stage == "run":
         result["evaluation"] = local_stages.final_evaluation(cfg, data, distiller.best_synthetic(), device)
+        if controls:
+            result["controls"] = _controls(cfg, data, trajectories, device, result["evaluation"])
         files.write_json(out / "results.json", result)
     return result
+
+
+def _controls(cfg: RunConfig, data, trajectories: list, device, evaluation: dict) -> dict[str, dict[str, float]]:
+    """The run's starting set and random real subsets (a sweep's default draws) under its final evaluation, and
+    the best set's lead over each, as a sweep reports its top trials' (pad_ray.controls)."""
+    from pad_ray import local_stages
+    from pad_ray.evaluate import Scores
+
+    best = evaluation[cfg.evaluate.models[0]]["test_mean"]
+    scored = {}
+    for kind, draws in (("start", 1), ("random", ControlsConfig().random_subsets)):
+        mean, std = Scores.summary(local_stages.control_tests(kind, cfg, data, trajectories, draws, device, progress=True))
+        scored[kind] = {"test_mean": mean, "test_std": std, "sets": draws, "lead": best - mean}
+    return scored
 
 
 def _experts_on_ray(stage: str, cfg: RunConfig, data) -> tuple[list, list]:
@@ -104,7 +120,7 @@ def _stage(args: argparse.Namespace) -> int:
     from pad_ray.distill import DivergenceError  # after the config: its errors need no torch
 
     try:
-        result = run_stage(args.command, cfg, args.out, args.synthetic, args.tracking_uri)
+        result = run_stage(args.command, cfg, args.out, args.synthetic, args.tracking_uri, args.controls)
     except DivergenceError as exc:
         print(f"pad-ray: diverged: {exc}", file=sys.stderr)
         return 1
@@ -206,6 +222,12 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--tracking-uri", help=TRACKING_URI_HELP)
         else:
             sub.set_defaults(synthetic=None, tracking_uri=None)
+        if stage == "run":
+            sub.add_argument("--controls", action="store_true",
+                             help="also score the starting set and random real subsets under the final evaluation, "
+                                  "and the best set's lead over each (results.json's controls)")
+        else:
+            sub.set_defaults(controls=False)
     add_sweep_flags(command("sweep", _sweep, "sweep YAML (see sweeps/)", "base.distill.iterations=20"))
     command("validate", _validate, "YAML run config or sweep file", "distill.alpha=0.3")
     command("presets", _presets, None).set_defaults(file=Path("pad-ray presets"))

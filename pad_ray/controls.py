@@ -20,37 +20,19 @@ import torch
 from pad_ray import files, local_stages, ray_stages
 from pad_ray.config import RunConfig, to_dict
 from pad_ray.data import Dataset
-from pad_ray.distill import Distiller
-from pad_ray.evaluate import random_real_subset
-from pad_ray.runtime import derive_seed, generator
 from pad_ray.sweep_config import SweepConfig
 from pad_ray.trajectories import TrajectoryStore
 
 CACHE = "controls.json"
 
 
-def control_sets(kind: str, cfg: RunConfig, data: Dataset, trajectories: list, draws: int,
-                 device: torch.device) -> list:
-    """The sets of one control: `draws` random real subsets (the draws `benchmarks/quality.py` makes too), or
-    the starting set the run's distillation begins from."""
-    if kind == "random":
-        return [random_real_subset(data.train, data.num_classes, cfg.distill.ipc, cfg.distill.lr_teacher,
-                                   generator(derive_seed(cfg.seed, "random-subset", draw))) for draw in range(draws)]
-    return [Distiller(cfg, data, trajectories, device).synthetic()]
-
-
 @ray.remote
 def _control_task(kind: str, cfg: dict[str, Any], data: Dataset, trajectories: list[ray.ObjectRef], draws: int,
                   threads: int) -> list[float]:
-    """Each evaluation net's test accuracy on the headline architecture (the trial's `final_test_accuracy`),
-    over every set of the control."""
+    """`local_stages.control_tests` on a trial's resources."""
     torch.set_num_threads(threads)
-    run = RunConfig.model_validate(cfg)
-    device = ray_stages.task_device()
-    sets = control_sets(kind, run, data, ray.get(trajectories) if kind == "start" else [], draws, device)
-    head = run.evaluate.models[0]
-    return [acc for synthetic in sets
-            for acc in local_stages.final_evaluation(run, data, synthetic, device, progress=False)[head]["test"]]
+    return local_stages.control_tests(kind, RunConfig.model_validate(cfg), data,
+                                      ray.get(trajectories) if kind == "start" else [], draws, ray_stages.task_device())
 
 
 def kinds(sweep: SweepConfig) -> list[tuple[str, int]]:

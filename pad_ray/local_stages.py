@@ -22,9 +22,9 @@ from pad_ray.config import ConfigError, RunConfig, to_dict
 from pad_ray.difficulty import el2n_run, load_index_file, order_by_score
 from pad_ray.distill import Distiller, distill
 from pad_ray.distilled import FILE_NAME as DISTILLED_FILE, save_distilled
-from pad_ray.evaluate import Scores, SyntheticSet, accuracy, evaluate
+from pad_ray.evaluate import Scores, SyntheticSet, accuracy, evaluate, random_real_subset
 from pad_ray.experts import ExpertRun
-from pad_ray.runtime import derive_seed
+from pad_ray.runtime import derive_seed, generator
 from pad_ray.schedule import check_schedule
 from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
@@ -201,6 +201,25 @@ def save_grid(path: Path, synthetic: SyntheticSet, data: datasets.Dataset, ipc: 
 
     images = data.to_pixels(synthetic.images)
     save_image(images, path, nrow=ipc if ipc > 1 else min(data.num_classes, 10), padding=1)
+
+
+def control_sets(kind: str, cfg: RunConfig, data: datasets.Dataset, trajectories: list, draws: int,
+                 device: torch.device) -> list[SyntheticSet]:
+    """The sets of a control: `draws` random real subsets of the run's size (hard labels at lr_teacher), or
+    the starting set its distillation begins from (`kind` "start", from the experts' trajectories)."""
+    if kind == "random":
+        return [random_real_subset(data.train, data.num_classes, cfg.distill.ipc, cfg.distill.lr_teacher,
+                                   generator(derive_seed(cfg.seed, "random-subset", draw))) for draw in range(draws)]
+    return [Distiller(cfg, data, trajectories, device).synthetic()]
+
+
+def control_tests(kind: str, cfg: RunConfig, data: datasets.Dataset, trajectories: list, draws: int,
+                  device: torch.device, progress: bool = False) -> list[float]:
+    """Each final-evaluation net's test accuracy on every set of a control, on the headline architecture
+    (the first of `evaluate.models`, as a run's `final_test_accuracy`)."""
+    head = cfg.evaluate.models[0]
+    return [acc for synthetic in control_sets(kind, cfg, data, trajectories, draws, device)
+            for acc in final_evaluation(cfg, data, synthetic, device, progress=progress)[head]["test"]]
 
 
 def final_evaluation(cfg: RunConfig, data: datasets.Dataset, synthetic: SyntheticSet, device: torch.device,

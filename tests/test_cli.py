@@ -6,16 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from pad_ray import cli, files, local_stages
 from pad_ray.config import PRESETS, load_config, preset_header
-from pad_ray.distill import Distiller
-from pad_ray.evaluate import random_real_subset
-from pad_ray.runtime import derive_seed, generator
-from pad_ray.trajectories import TrajectoryStore
-
-CPU = torch.device("cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,30 +147,27 @@ def test_pad_on_real_mnist_beats_random_subsets_and_its_own_starting_set(tmp_pat
     process (`resources.workers: 0`), which costs a third less CPU than Ray Train's controller and workers:
     the same stages on Ray are the smoke job's (test_smoke_sweep) and test_ray_stages' to check."""
     config = _write(tmp_path, SMALL_RUN.format(root=mnist_root, out=tmp_path))
-    result = pad_ray("run", str(config), cwd=tmp_path)
+    result = pad_ray("run", str(config), "--controls", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout)
     distilled = summary["evaluation"]["convnet"]
     assert summary["iterations"] == 60 and summary["skipped"] < summary["iterations"]
     assert "test accuracy" in result.stderr  # the experts' quality line
 
+    # The run's controls (scored as a sweep scores its top trials', which test_smoke_sweep recomputes): 3 random
+    # real subsets and the starting set, under the same evaluation. The margin must exceed the spread of the
+    # evaluation nets, or the comparison says nothing.
     cfg = load_config(config)
-    data = local_stages.load_data(cfg)
-    trajectories = [TrajectoryStore(cfg.store_dir, cfg).load(i) for i in range(cfg.experts.num_experts)]
-    starting = local_stages.final_evaluation(cfg, data, Distiller(cfg, data, trajectories, CPU).synthetic(), CPU)
-    random_means = []
-    for draw in range(3):
-        subset = random_real_subset(data.train, data.num_classes, cfg.distill.ipc, cfg.distill.lr_teacher,
-                                    generator(derive_seed(cfg.seed, "random-subset", draw)))
-        random_means.append(local_stages.final_evaluation(cfg, data, subset, CPU)["convnet"]["test_mean"])
-    start = starting["convnet"]
-    # The margin must exceed the spread of the evaluation nets, or the comparison says nothing.
+    start, random = summary["controls"]["start"], summary["controls"]["random"]
+    assert (start["sets"], random["sets"]) == (1, 3)
     spread = max(distilled["test_std"], start["test_std"])
     assert distilled["test_mean"] > start["test_mean"] + spread, (distilled, start)
-    assert distilled["test_mean"] > sum(random_means) / 3 + spread, (distilled, random_means)
+    assert distilled["test_mean"] > random["test_mean"] + spread, (distilled, random)
+    assert random["lead"] == pytest.approx(distilled["test_mean"] - random["test_mean"])
 
-    # Artefacts: the grid, the best set verified by checksum, and a rerun that trains nothing new.
+    # Artefacts: the results, the grid, the best set verified by checksum, and a rerun that trains nothing new.
     run_dir = tmp_path / summary["run_dir"]
+    assert json.loads((run_dir / "results.json").read_text()) == summary
     assert (run_dir / "synthetic.png").stat().st_size > 0
     best = local_stages.load_synthetic(run_dir / "synthetic_best.npz")
     assert best.images.shape == (10, 1, 28, 28) and best.labels.shape == (10, 10)
