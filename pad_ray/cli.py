@@ -89,7 +89,8 @@ def _controls(cfg: RunConfig, data, trajectories: list, device, evaluation: dict
     best = evaluation[cfg.evaluate.models[0]]["test_mean"]
     scored = {}
     for kind, draws in (("start", 1), ("random", ControlsConfig().random_subsets)):
-        mean, std = Scores.summary(local_stages.control_tests(kind, cfg, data, trajectories, draws, device, progress=True))
+        tests = local_stages.control_tests(kind, cfg, data, trajectories, draws, device, progress=True)
+        mean, std = Scores.summary(tests)
         scored[kind] = {"test_mean": mean, "test_std": std, "sets": draws, "lead": best - mean}
     return scored
 

@@ -54,19 +54,19 @@ def measure(configs: list[RunConfig], sweep: SweepConfig, data: dict[int, ray.Ob
     except (OSError, ValueError):  # unreadable: measured again and rewritten
         cache = {}
     keys = [{kind: _key(kind, cfg, draws) for kind, draws in kinds(sweep)} for cfg in configs]
-    tasks = {}
+    pending: dict[str, tuple[ray.ObjectRef, dict[str, Any]]] = {}
     for cfg, by_kind in zip(configs, keys):
         for kind, draws in kinds(sweep):
-            if by_kind[kind] not in cache and by_kind[kind] not in tasks:
-                tasks[by_kind[kind]] = _control_task.options(
-                    num_cpus=sweep.trial_resources.cpu, num_gpus=sweep.trial_resources.gpu).remote(
-                    kind, to_dict(cfg), data[cfg.data.seed], experts[TrajectoryStore(cfg.store_dir, cfg).key], draws,
-                    max(1, int(sweep.trial_resources.cpu)))
-    if tasks:
-        described = {key: (kind, draws, cfg) for cfg, by_kind in zip(configs, keys)
-                     for kind, draws in kinds(sweep) for key in [by_kind[kind]]}
-        for key, tests in zip(tasks, ray_stages.gather(list(tasks.values()), "controls")):
-            kind, draws, cfg = described[key]
-            cache[key] = {"kind": kind, "draws": draws, "test_accuracy": tests, "config": to_dict(cfg)}
+            key = by_kind[kind]
+            if key not in cache and key not in pending:
+                task = _control_task.options(num_cpus=sweep.trial_resources.cpu, num_gpus=sweep.trial_resources.gpu)
+                pending[key] = (task.remote(kind, to_dict(cfg), data[cfg.data.seed],
+                                            experts[TrajectoryStore(cfg.store_dir, cfg).key], draws,
+                                            max(1, int(sweep.trial_resources.cpu))),
+                                {"kind": kind, "draws": draws, "config": to_dict(cfg)})
+    if pending:
+        scores = ray_stages.gather([ref for ref, _ in pending.values()], "controls")
+        for (key, (_, about)), tests in zip(pending.items(), scores):
+            cache[key] = {**about, "test_accuracy": tests}
         files.write_json(cache_file, cache)
     return [{kind: cache[key]["test_accuracy"] for kind, key in by_kind.items()} for by_kind in keys]

@@ -134,8 +134,8 @@ def plot_controls(against: pd.DataFrame, groups: list[str], path: Path) -> None:
     bars = [(kind, label, f"C{k}") for k, (kind, label) in enumerate(
         (("final", "top trial"), ("start", "its starting set"), ("random", "random real subsets")))
         if f"{kind}_test_accuracy" in against]
-    names = ([" ".join(f"{g} {_plain(v)}" for g, v in zip(groups, values)) for values in zip(*(against[g] for g in groups))]
-             if groups else ["all trials"])
+    names = ([" ".join(f"{g} {_plain(v)}" for g, v in zip(groups, values))
+              for values in zip(*(against[g] for g in groups))] if groups else ["all trials"])
 
     def slots(k: int, of: int) -> dict[str, Any]:
         """Where the k-th of `of` bars stands beside each group's tick."""

@@ -160,7 +160,8 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
                 num_samples=_tune_samples(sweep), search_alg=_search_alg(sweep, seed),
                 reuse_actors=sweep.reuse_actors),
             run_config=tune.RunConfig(
-                name=sweep.name, storage_path=sweep.storage_path, callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],
+                name=sweep.name, storage_path=sweep.storage_path,
+                callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )
