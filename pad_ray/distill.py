@@ -323,27 +323,28 @@ def distill(cfg: RunConfig, data: Dataset, trajectories: Sequence[Trajectory], d
         val, test = distiller.evaluate_summary(progress)
         distiller.record_best(val)
         start = {"start_val_accuracy": val, "start_test_accuracy": test}
-    bar = tqdm(total=d.iterations, initial=distiller.iteration, desc="distill", disable=not progress)
     steps: list[StepStats] = []
-    while distiller.iteration < d.iterations:
-        began = time.perf_counter()
-        stats = distiller.step()
-        distiller.elapsed += time.perf_counter() - began
-        steps.append(stats)
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{stats.syn_lr:.4g}")
-        if stats.iteration % d.eval_every == 0 or stats.iteration == d.iterations:
-            # At IPC 50 one evaluation net takes minutes, during which the distill bar would stand still.
-            val, test = distiller.evaluate_summary(progress)
-            distiller.record_best(val)
-            metrics = {"iteration": stats.iteration, "loss": stats.loss, "skipped": distiller.skipped,
-                       "clipped": distiller.clipped,
-                       "syn_lr": stats.syn_lr, "val_accuracy": val, "test_accuracy": test,
-                       "best_val_accuracy": distiller.best.val, "best_iteration": distiller.best.iteration,
-                       "distill_time_s": distiller.elapsed,
-                       "peak_memory_mb": peak_memory_mb(device), "steps": [asdict(s) for s in steps], **start}
-            steps, start = [], {}
-            if on_eval is not None:
-                on_eval(distiller, metrics)
-    bar.close()
+    # A with-block: a run that raises (divergence, a stopped trial) closes its bar, which would otherwise stay
+    # open in the process and push every later bar down a line.
+    with tqdm(total=d.iterations, initial=distiller.iteration, desc="distill", disable=not progress) as bar:
+        while distiller.iteration < d.iterations:
+            began = time.perf_counter()
+            stats = distiller.step()
+            distiller.elapsed += time.perf_counter() - began
+            steps.append(stats)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{stats.syn_lr:.4g}")
+            if stats.iteration % d.eval_every == 0 or stats.iteration == d.iterations:
+                # At IPC 50 one evaluation net takes minutes, during which the distill bar would stand still.
+                val, test = distiller.evaluate_summary(progress)
+                distiller.record_best(val)
+                metrics = {"iteration": stats.iteration, "loss": stats.loss, "skipped": distiller.skipped,
+                           "clipped": distiller.clipped,
+                           "syn_lr": stats.syn_lr, "val_accuracy": val, "test_accuracy": test,
+                           "best_val_accuracy": distiller.best.val, "best_iteration": distiller.best.iteration,
+                           "distill_time_s": distiller.elapsed,
+                           "peak_memory_mb": peak_memory_mb(device), "steps": [asdict(s) for s in steps], **start}
+                steps, start = [], {}
+                if on_eval is not None:
+                    on_eval(distiller, metrics)
     return distiller

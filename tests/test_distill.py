@@ -2,6 +2,7 @@ import re
 
 import pytest
 import torch
+from tqdm.auto import tqdm
 
 from conftest import tiny_config
 from pad_ray import files
@@ -101,6 +102,20 @@ def test_non_positive_lr_raises_divergence(tiny):
         d.syn_lr.fill_(-0.01)
     with pytest.raises(DivergenceError, match="syn_lr became"):
         d.step()
+
+
+def test_a_run_that_raises_leaves_no_bar_open(tiny):
+    """Divergence or a stopped trial: an open bar would stay in the process and push every later one down."""
+    cfg, data, _, trajectories = tiny
+    before = set(tqdm._instances)
+
+    def stop(distiller, metrics):
+        raise RuntimeError("stopped")
+
+    # Kept, as a caller that reports the error keeps it: its traceback holds the run's frame, and so its bar.
+    with pytest.raises(RuntimeError, match="stopped") as raised:
+        distill(cfg, data, trajectories, CPU, progress=True, on_eval=stop)
+    assert set(tqdm._instances) == before, raised
 
 
 # auto: the budget rides in the checkpoint, or the resumed run measures again, keeps one step where the
