@@ -42,7 +42,7 @@ def kinds(sweep: SweepConfig) -> list[tuple[str, int]]:
 
 
 def _key(kind: str, cfg: RunConfig, draws: int) -> str:
-    return hashlib.sha256(json.dumps([kind, draws, to_dict(cfg)], sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([kind, draws, to_dict(cfg)], sort_keys=True).encode()).hexdigest()
 
 
 def measure(configs: list[RunConfig], sweep: SweepConfig, data: dict[int, ray.ObjectRef],

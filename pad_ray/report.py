@@ -188,21 +188,22 @@ def plot_ir_aee(table: pd.DataFrame, path: Path) -> bool:
     return True
 
 
-def summarize(table: pd.DataFrame, controls: list[dict[str, list[float]]], sweep: SweepConfig, where: str,
-              client: MlflowClient, parent_run_id: str, partial: bool = False) -> pd.DataFrame:
-    """Write the ranked table, best configs, controls (of `top_trials(table)`, in order; none for an
-    interrupted sweep) and plots to `where` (a folder or a URI) and the parent run."""
+def summarize(table: pd.DataFrame, tops: list[Top], controls: list[dict[str, list[float]]], sweep: SweepConfig,
+              where: str, client: MlflowClient, parent_run_id: str, partial: bool = False) -> pd.DataFrame:
+    """Write the ranked table, the best config of each of its `tops` (`top_trials(table)`), their controls
+    (one for each top, in order; none for an interrupted sweep) and plots to `where` (a folder or a URI) and
+    the parent run."""
     if "://" in where:
         with tempfile.TemporaryDirectory() as folder:
-            table = _summarize(table, controls, sweep, Path(folder), client, parent_run_id, partial)
+            table = _summarize(table, tops, controls, sweep, Path(folder), client, parent_run_id, partial)
             for path in Path(folder).iterdir():
                 files.upload(path, f"{where}/{path.name}")
             return table
-    return _summarize(table, controls, sweep, Path(where), client, parent_run_id, partial)
+    return _summarize(table, tops, controls, sweep, Path(where), client, parent_run_id, partial)
 
 
-def _summarize(table: pd.DataFrame, controls: list[dict[str, list[float]]], sweep: SweepConfig, out: Path,
-               client: MlflowClient, parent_run_id: str, partial: bool) -> pd.DataFrame:
+def _summarize(table: pd.DataFrame, tops: list[Top], controls: list[dict[str, list[float]]], sweep: SweepConfig,
+               out: Path, client: MlflowClient, parent_run_id: str, partial: bool) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     groups = list(sweep.group_by)
     table = _with_mlflow_runs(table, sweep, client, parent_run_id)
@@ -217,7 +218,6 @@ def _summarize(table: pd.DataFrame, controls: list[dict[str, list[float]]], swee
         summary[f"trials{suffix.replace('_', '/', 1)}"] = len(group)
         if plot_ir_aee(group, out / f"accuracy_vs_ir_aee{suffix}.png"):
             written.append(out / f"accuracy_vs_ir_aee{suffix}.png")
-    tops = top_trials(table, sweep)
     for top in tops:
         at = top.suffix.replace("_", "/", 1)
         summary[f"{SCORE}{at}"] = float(top.row[SCORE])

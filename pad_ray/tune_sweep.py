@@ -176,11 +176,12 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
               f"results in {path} are partial (partial=true); run the same command again to resume",
               file=sys.stderr)
     table = report.ranked_table(results, sweep, partial=bool(run.unfinished))
+    tops = report.top_trials(table, sweep)
     # An interrupted sweep stops here: its top trials are not final, and the user asked it to stop.
     measured = [] if run.unfinished else controls.measure(
-        [trial_config(sweep, top.params) for top in report.top_trials(table, sweep)], sweep, data, experts, path)
+        [trial_config(sweep, top.params) for top in tops], sweep, data, experts, path)
     try:
-        report.summarize(table, measured, sweep, path, client, parent_id, partial=bool(run.unfinished))
+        report.summarize(table, tops, measured, sweep, path, client, parent_id, partial=bool(run.unfinished))
         tracking.end_parent(client, parent_id, partial=bool(run.unfinished))
     except (MlflowException, OSError) as exc:  # requests' errors are OSErrors
         # The callback has said so already when it holds updates; then this is the same outage.
