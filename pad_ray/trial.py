@@ -4,6 +4,7 @@ trial needs, not MLflow or matplotlib: each trial process starts that much soone
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,18 @@ from pad_ray.distilled import FILE_NAME as DISTILLED_FILE, save_distilled
 from pad_ray.sweep_config import SweepConfig, trial_config
 from pad_ray.trajectories import TrajectoryStore
 
+# Tune's checkpoint writer logs a line per report in the trial's process; Ray's log deduplication then prints
+# the last of them after the sweep's closing lines, below the MLflow link. Each report's own row names its
+# checkpoint already.
+CHECKPOINT_LOGGER = "ray.train._internal.storage"
+
 
 def pad_trial(params: dict[str, Any], *, sweep: dict[str, Any], data: dict[int, ray.ObjectRef],
               experts: dict[str, list[ray.ObjectRef]], threads: int) -> None:
     """One PAD distillation, reporting (and checkpointing) at every evaluation. `data` holds one
     object-store copy of the prepared dataset per data seed; trajectories are fetched zero-copy."""
     torch.set_num_threads(threads)
+    logging.getLogger(CHECKPOINT_LOGGER).setLevel(logging.WARNING)
     cfg = trial_config(SweepConfig.model_validate(sweep), params)
     device = ray_stages.task_device()
     dataset = ray.get(data[cfg.data.seed])

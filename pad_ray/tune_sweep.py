@@ -143,6 +143,10 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
     # default, cannot take the per-iteration `steps` a report carries (it warned with a dump of them), and
     # MLflow already holds every metric. Read at fit, so a restored sweep leaves it out too.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # num_to_keep below makes Tune snapshot its state at every checkpoint, and it warns when trials report
+    # seconds apart (short trials, smoke sweeps): a warning about pad_ray's own setting, which its user cannot
+    # change, and which trials that report minutes apart never trigger.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if tune.Tuner.can_restore(path):
         # Finished and failed trials stay as they are; unfinished ones continue from their checkpoints.
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)

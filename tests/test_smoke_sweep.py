@@ -109,6 +109,11 @@ def test_smoke_sweep_runs_trials_with_early_stopping_and_mlflow(smoke_job, smoke
     assert len(trial_dirs) == 8 and all((d / "result.json").stat().st_size and (d / "progress.csv").stat().st_size
                                         for d in trial_dirs)
     assert not list(out.rglob("events.out.tfevents.*")) and "tensorboard" not in smoke_job.output.lower()
+    # No noise about pad_ray's own settings, and nothing from the trials after the closing MLflow link.
+    lines = smoke_job.output.splitlines()
+    assert not [line for line in lines if "snapshotting" in line or "Checkpoint successfully created" in line]
+    link = max(i for i, line in enumerate(lines) if line.startswith("MLflow: "))
+    assert not [line for line in lines[link:] if "(pad_trial" in line], lines[link:]
     top = rows[0]
     same_ipc = [r for r in rows if r["ipc"] == top["ipc"]]
     assert float(top["best_val_accuracy"]) == max(float(r["best_val_accuracy"]) for r in same_ipc)
