@@ -18,7 +18,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
+
+# Two tests run at once on 2 cores, so each process they start (sweep drivers, the CLI, Ray workers that set
+# no thread count of their own) gets one thread, as this process does below: with two, a process's OpenMP
+# threads spin while they wait on a partner that the other test's work has descheduled (BENCHMARKS.md,
+# section 8). Read once, when torch starts; child processes inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
 import yaml
 from filelock import FileLock
 
