@@ -162,8 +162,7 @@ def test_the_top_trial_stands_beside_its_controls_scored_as_its_final_evaluation
     torch.set_num_threads(1)  # as the job's tasks ran (a trial's 1 CPU): the same arithmetic, the same scores
     try:
         for kind, draws in (("start", 1), ("random", 3)):
-            tests = [acc for synthetic in local_stages.control_sets(kind, cfg, data, trajectories, draws, cpu)
-                     for acc in local_stages.final_evaluation(cfg, data, synthetic, cpu, progress=False)["convnet"]["test"]]
+            tests = local_stages.control_tests(kind, cfg, data, trajectories, draws, cpu)
             assert len(tests) == int(against[f"{kind}_nets"]) == draws * cfg.evaluate.num_nets
             assert float(against[f"{kind}_test_accuracy"]) == pytest.approx(sum(tests) / len(tests), abs=1e-12)
             if top["final_test_accuracy"]:  # else ASHA stopped the top trial before its final evaluation
