@@ -1,13 +1,15 @@
-"""Expert training throughput: a bare torch loop vs one Ray Train worker, and one vs two workers.
+"""Expert training throughput: a bare torch loop vs one Ray Train worker, one vs two workers, eager vs compiled.
 
-    python3 benchmarks/experts.py [--quick]
+    python3 benchmarks/experts.py [--quick] [--shape mnist]
 
 Random data of CIFAR-10 shape, the distillation ConvNet (width 128, depth 3), SGD, DSA, every
-training image in every epoch (IR 1), one torch thread per worker. Rows, each in a fresh process:
+training image in every epoch (IR 1), one torch thread per worker; `--shape mnist` instead gives the
+`mnist-ipc10` experts' shape (1x28x28 images, width 32, batches of 1,024). Rows, each in a fresh process:
 
 * `bare`: `pad_ray.experts.ExpertRun.run_epoch` in a plain loop (no Ray, no checkpoints).
-* `ray_train_1`, `ray_train_2`: `pad_ray.ray_stages.generate_experts` on a local
+* `ray_train x1`, `ray_train x2`: `pad_ray.ray_stages.generate_experts` on a local
   `ray.init(num_cpus=2)` with 1 worker training 1 expert, 2 workers training 2 experts.
+* `compiled`: the same with `experts.compile` (torch.compile); the first epoch includes the compile.
 
 Images/s are given two ways: end to end (the whole `generate_experts` call, worker start-up
 included) and steady state (from the end of each expert's first epoch to the end of its last,
@@ -29,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 NAME = "experts"
-FULL = {"per_class": 100, "width": 128, "epochs": 5, "batch": 256}
-QUICK = {"per_class": 10, "width": 16, "epochs": 3, "batch": 32}
-ROWS = [("bare", 1), ("ray_train", 1), ("ray_train", 2)]
+SHAPES = {"cifar": {"channels": 3, "size": 32, "per_class": 100, "width": 128, "epochs": 5, "batch": 256},
+          "mnist": {"channels": 1, "size": 28, "per_class": 1000, "width": 32, "epochs": 3, "batch": 1024}}
+QUICK = {"channels": 3, "size": 32, "per_class": 10, "width": 16, "epochs": 3, "batch": 32}
+ROWS = [("bare", 1, False), ("bare", 1, True), ("ray_train", 1, False), ("ray_train", 2, False),
+        ("ray_train", 2, True)]
 
 
 def _config(p: dict, root: str, workers: int, use_gpu: bool):
@@ -39,11 +43,11 @@ def _config(p: dict, root: str, workers: int, use_gpu: bool):
 
     return build_config({
         "seed": 0, "device": "auto", "output_dir": f"{root}/runs", "store_dir": f"{root}/store",
-        "data": {"dataset": "cifar10", "zca": False},
+        "data": {"dataset": "cifar10" if p["channels"] == 3 else "mnist", "zca": False},
         "model": {"width": p["width"], "depth": 3},
         "schedule": {"init_ratio": 1.0, "add_end_epoch": 0, "remove": []},
         "experts": {"num_experts": workers, "epochs": p["epochs"], "optimizer": "sgd",
-                    "batch_size": p["batch"], "lr": 0.01, "dsa": True},
+                    "batch_size": p["batch"], "lr": 0.01, "dsa": True, "compile": p["compile"]},
         "distill": {"ipc": 1, "alpha": 0.0, "syn_steps": 1, "expert_epochs": 1, "min_start_epoch": 0,
                     "current_max_start_epoch": 1, "max_start_epoch": 1, "batch_syn": 10, "lr_img": 1.0,
                     "lr_lr": 1e-5, "lr_y": 1.0},
@@ -58,10 +62,14 @@ def _data(p: dict):
 
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(10).repeat_interleave(p["per_class"])
-    train = Split(torch.randn(len(labels), 3, 32, 32, generator=gen), labels, torch.arange(len(labels)))
+    channels, size = p["channels"], p["size"]
+    train = Split(torch.randn(len(labels), channels, size, size, generator=gen), labels, torch.arange(len(labels)))
+    # The Ray rows measure each expert on val (every epoch) and test, as the real stage does: a tenth of the
+    # images each, about MNIST's share, so that the bare row's loop is not compared with ten times its work.
+    tenth = Split(train.images[::10], labels[::10], train.index[::10])
     order = [torch.nonzero(labels == c).flatten() for c in range(10)]
-    return Dataset("cifar10", train, train, train, 10, [str(c) for c in range(10)], None, (0.0,) * 3,
-                   (1.0,) * 3), order
+    return Dataset("cifar10" if channels == 3 else "mnist", train, tenth, tenth, 10, [str(c) for c in range(10)],
+                   None, (0.0,) * channels, (1.0,) * channels), order
 
 
 def _images_per_expert(cfg, order) -> list[int]:
@@ -134,7 +142,9 @@ def child(p: dict) -> dict:
 
         workers = p["workers"]
         began = time.perf_counter()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # The workers' environment of pad_ray's own drivers (ray_stages.init_ray): one malloc arena (section 2).
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": ray_stages.WORKER_ENV})
         init_s = time.perf_counter() - began
         try:
             gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -144,7 +154,7 @@ def child(p: dict) -> dict:
             watcher.start()
             wall_began = time.time()
             began = time.perf_counter()
-            ray_stages.generate_experts(cfg, data, order)
+            ray_stages.generate_experts([ray_stages.ExpertSet(cfg, data, order)])
             fit_s = time.perf_counter() - began
             time.sleep(0.05)
             watcher.stop.set()
@@ -168,23 +178,34 @@ def child(p: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = common.parse_args(__doc__.splitlines()[0]).parse_args(argv)
-    sizes = QUICK if args.quick else FULL
+    parser = common.parse_args(__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="cifar", help="data and network sizes")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else SHAPES[args.shape]
     meta = common.machine()
     print(f"# {NAME} on {meta['cpu']} ({meta['usable_cores']} cores), load {meta['load_average_at_start']}",
           flush=True)
     rows = []
-    for mode, workers in ROWS:
-        row = common.run_child(__file__, {**sizes, "mode": mode, "workers": workers}, timeout_s=1200, attempts=2)
-        row["name"] = mode if mode == "bare" else f"ray_train x{workers}"
+    for mode, workers, compiled in ROWS:
+        row = common.run_child(__file__, {**sizes, "mode": mode, "workers": workers, "compile": compiled},
+                               timeout_s=1200, attempts=2)
+        row["name"] = (mode if mode == "bare" else f"ray_train x{workers}") + (", compiled" if compiled else "")
         rows.append(row)
         print(row["name"], {k: row.get(k) for k in ("wall_s", "images_per_s", "steady_images_per_s", "error")},
               flush=True)
 
-    bare = next((r for r in rows if r.get("mode") == "bare" and "images_per_s" in r), None)
-    one = next((r for r in rows if r.get("workers") == 1 and r.get("mode") == "ray_train" and "wall_s" in r), None)
-    two = next((r for r in rows if r.get("workers") == 2 and "wall_s" in r), None)
+    def row(mode: str, workers: int, compiled: bool) -> dict | None:
+        return next((r for r in rows if (r.get("mode"), r.get("workers"), r.get("compile")) == (mode, workers, compiled)
+                     and "images_per_s" in r), None)
+
+    bare, one, two = row("bare", 1, False), row("ray_train", 1, False), row("ray_train", 2, False)
     summary = {}
+    for eager, compiled, name in ((bare, row("bare", 1, True), "bare"), (two, row("ray_train", 2, True), "two_workers")):
+        if eager and compiled:
+            summary[f"compiled_vs_eager_{name}_end_to_end"] = compiled["images_per_s"] / eager["images_per_s"]
+            if eager.get("steady_images_per_s") and compiled.get("steady_images_per_s"):
+                summary[f"compiled_vs_eager_{name}_steady"] = (compiled["steady_images_per_s"]
+                                                             / eager["steady_images_per_s"])
     if bare and one:
         summary["ray_worker_vs_bare_end_to_end"] = one["images_per_s"] / bare["images_per_s"]
         if one.get("steady_images_per_s"):
@@ -197,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                ("wall_s", "train s"), ("images_per_s", "img/s end-to-end"),
                ("steady_images_per_s", "img/s steady"), ("first_epoch_end_after_s", "1st epoch end s"),
                ("error", "error")]
-    common.report(NAME, args.quick, meta, rows, columns, summary)
+    common.report(NAME if args.shape == "cifar" else f"{NAME}-{args.shape}", args.quick, meta, rows, columns, summary)
     return 0
 
 

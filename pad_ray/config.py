@@ -102,6 +102,10 @@ class ExpertConfig(Section):
     adaptive: bool = True
     dsa: bool = True
     seed: int = 0  # initial weights and minibatches of every expert; part of the expert set's identity
+    # torch.compile each expert's network (full batches; an epoch's last, smaller batch runs eagerly). On
+    # the CPU a width-32 ConvNet on batches of 1,024 trains 1.5x faster after a one-off compile of about 25 s
+    # per process (BENCHMARKS.md, section 2). How the experts run, not what they are: not part of the key.
+    compile: bool = False
 
 
 class DistillConfig(Section):

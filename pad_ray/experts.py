@@ -79,6 +79,9 @@ class ExpertRun:
         self.gen = generator(seed)
         self.dsa = dsa_if(experts.dsa, strategy)
         self.snapshots = [self.flat.flatten().cpu()]
+        # The compiled module shares self.net's parameters; it sees only full batches, so the smaller last
+        # batch of an epoch (whose size changes with the schedule) never costs a compile of its own.
+        self.compiled = torch.compile(self.net) if experts.compile else None
 
     @property
     def epoch(self) -> int:
@@ -101,8 +104,10 @@ class ExpertRun:
         return total.item() / len(subset)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        net = self.compiled if self.compiled is not None and len(x) == self.cfg.batch_size else self.net
+
         def loss_fn() -> torch.Tensor:
-            return F.cross_entropy(self.net(x), y)
+            return F.cross_entropy(net(x), y)
 
         if self.cfg.optimizer == "gsam":
             return gsam_step(self.net, loss_fn, self.optimizer, self.cfg.rho, self.cfg.gsam_alpha,

@@ -51,6 +51,7 @@ def difficulty_identity(cfg: RunConfig) -> dict[str, Any]:
 def expert_identity(cfg: RunConfig) -> dict[str, Any]:
     experts = to_dict(cfg.experts)  # experts.seed included
     experts.pop("num_experts")  # more experts extend the same set
+    experts.pop("compile")  # how they run, like the device and the thread count, which change only the last bits
     identity = {**difficulty_identity(cfg), "schedule": to_dict(cfg.schedule), "experts": experts,
                 "model_layout": MODEL_LAYOUT}
     # Only a strategy other than the default is named: stores from before augment.strategy existed
