@@ -194,13 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         print(row["name"], {k: row.get(k) for k in ("wall_s", "images_per_s", "steady_images_per_s", "error")},
               flush=True)
 
-    def row(mode: str, workers: int, compiled: bool) -> dict | None:
+    def measured(mode: str, workers: int, compiled: bool) -> dict | None:
         return next((r for r in rows if (r.get("mode"), r.get("workers"), r.get("compile")) == (mode, workers, compiled)
                      and "images_per_s" in r), None)
 
-    bare, one, two = row("bare", 1, False), row("ray_train", 1, False), row("ray_train", 2, False)
+    bare, one, two = measured("bare", 1, False), measured("ray_train", 1, False), measured("ray_train", 2, False)
     summary = {}
-    for eager, compiled, name in ((bare, row("bare", 1, True), "bare"), (two, row("ray_train", 2, True), "two_workers")):
+    for eager, compiled, name in ((bare, measured("bare", 1, True), "bare"),
+                                  (two, measured("ray_train", 2, True), "two_workers")):
         if eager and compiled:
             summary[f"compiled_vs_eager_{name}_end_to_end"] = compiled["images_per_s"] / eager["images_per_s"]
             if eager.get("steady_images_per_s") and compiled.get("steady_images_per_s"):
