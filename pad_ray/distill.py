@@ -239,10 +239,13 @@ class Distiller:
                             self.syn_lr.item())
 
     def evaluate_now(self, progress: bool = False) -> Scores:
-        """The during-distillation evaluation: `eval_nets` fresh agent nets, seeded by the iteration."""
+        """The during-distillation evaluation: `eval_nets` fresh agent nets, the same nets (initial weights, DSA
+        draws, batch orders) at every iteration. The scores choose the set a run keeps, and one net's luck is
+        larger than what consecutive sets differ by; with common nets it is shared between the sets compared
+        (docs/decisions.md, "Evaluation")."""
         cfg = self.cfg
         return evaluate(self.synthetic(), self.data.val, self.data.test, self.data.num_classes, cfg.model,
-                        cfg.evaluate, derive_seed(cfg.seed, "distill-eval", self.iteration), self.device,
+                        cfg.evaluate, derive_seed(cfg.seed, "distill-eval"), self.device,
                         num_nets=cfg.distill.eval_nets, models=(cfg.model.name,), strategy=cfg.augment.strategy,
                         progress=progress, leave=False)
 

@@ -154,7 +154,7 @@ def test_distill_resumes_from_its_checkpoint_file(tiny, tmp_path):
             on_eval=lambda d, m: d.save(checkpoint))
     resumed = distill(cfg, data, trajectories, CPU, state=files.load_torch(checkpoint), progress=False)
     _same_state(straight, resumed)
-    assert resumed.best.iteration in (2, 4)
+    assert (resumed.best.iteration, resumed.best.val) == (straight.best.iteration, straight.best.val)
 
 
 def test_distill_shows_a_bar_for_each_of_its_evaluations_and_changes_nothing(tiny, capsys):
@@ -170,9 +170,21 @@ def test_distill_shows_a_bar_for_each_of_its_evaluations_and_changes_nothing(tin
     assert "distill: 100%" in err
 
 
+def test_every_evaluation_during_distillation_trains_the_same_nets(tiny):
+    # The kept set is the one whose nets score best on validation; with the same nets at every iteration the
+    # comparison is between sets, not between luckier and unluckier nets (on this problem one net of another
+    # seed scores 0.42 to 0.58 on the same set).
+    cfg, data, _, trajectories = tiny
+    distiller = Distiller(cfg, data, trajectories, CPU)
+    first = distiller.evaluate_now()
+    for later in (1, 2, 4):
+        distiller.iteration = later  # the same set, at a later iteration
+        assert distiller.evaluate_now() == first
+
+
 def test_the_starting_set_is_evaluated_and_can_be_the_best(tiny):
     cfg, data, _, trajectories = tiny
-    start_val, start_test = Distiller(cfg, data, trajectories, CPU).evaluate_summary()  # the iteration-0 seeds
+    start_val, start_test = Distiller(cfg, data, trajectories, CPU).evaluate_summary()  # the nets of every evaluation
     reports = []
     run = distill(cfg, data, trajectories, CPU, progress=False, on_eval=lambda d, m: reports.append(m))
     # Its scores ride on the first report; the sweep's count of reports is unchanged.
