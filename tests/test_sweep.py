@@ -134,7 +134,7 @@ def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config
                    for r in runs}
         for cut in (r for r in runs if r.data.tags.get("stopped_early") == "true"):
             rung, score = max(history[cut.info.run_id].items())
-            rivals = [scores[rung] for run_id, scores in history.items() if run_id != cut.info.run_id and rung in scores]
+            rivals = [other[rung] for run_id, other in history.items() if run_id != cut.info.run_id and rung in other]
             assert rivals and score < max(rivals), (ipc, rung, score, rivals)
         rows = [row for row in table if row["ipc"] == str(ipc)]
         scores = [float(row["best_val_accuracy"]) for row in rows if row["best_val_accuracy"]]
