@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from pad_ray.pooling import AvgPool2x2
+
 if TYPE_CHECKING:  # the schema is only an annotation here: models stay below config in the layers
     from pad_ray.config import ModelConfig
 
@@ -74,7 +76,7 @@ class ConvNet(nn.Module):
             layers.append(nn.Conv2d(in_channels, width, kernel_size=3, padding=padding))
             if norm != "none":
                 layers.append(_norm_layer(norm, width))
-            layers += [nn.ReLU(), nn.AvgPool2d(kernel_size=2, stride=2)]
+            layers += [nn.ReLU(), AvgPool2x2()]
             in_channels = width
             size = _out_size(size, 3, 1, padding) // 2
         _check_feature_size(size, image_size, "ConvNet")

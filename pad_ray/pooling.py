@@ -1,0 +1,61 @@
+"""The ConvNet's 2x2 average pooling, twice as fast on the CPU and equal to `F.avg_pool2d` bit for bit.
+
+PyTorch's CPU kernel for `avg_pool2d` on NCHW tensors walks each output's window element by element, and
+its backward scatters one window at a time; with the pooling of all three ConvNet blocks, that is 14% of an
+unrolled distillation iteration and 23% of an evaluation net's step (BENCHMARKS.md, section 1). Four strided
+adds in the kernel's own order, then a multiply by 0.25 (exactly its division by 4), give the same floats
+forward; the backward spreads `grad / 4` over each window with two broadcasts, as the kernel's backward
+writes it. Each direction is the other's derivative, so the second-order gradients that trajectory
+matching takes through an inner step are the same as well.
+
+Elsewhere the library's kernel is kept: on CUDA, under `torch.compile` (Inductor fuses it), for other
+dtypes (the kernel accumulates half precision in float32) and for odd sizes (its floor rule).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _Pool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.shape = x.shape
+        # ((x00 + x01) + x10) + x11: the order in which avg_pool2d's CPU kernel sums a window.
+        return (x[..., ::2, ::2] + x[..., ::2, 1::2] + x[..., 1::2, ::2] + x[..., 1::2, 1::2]) * 0.25
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _Spread.apply(grad, ctx.shape)
+
+
+class _Spread(torch.autograd.Function):
+    """The pooling's adjoint: each window's four inputs get a quarter of its output's gradient."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:  # type: ignore[override]
+        *lead, h, w = shape
+        quarter = (grad * 0.25).unsqueeze(-1).expand(*lead, h // 2, w // 2, 2)
+        return quarter.reshape(*lead, h // 2, 1, w).expand(*lead, h // 2, 2, w).reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return _Pool.apply(grad), None
+
+
+def avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """`F.avg_pool2d(x, 2)`, with the same result and gradients of every order."""
+    h, w = x.shape[-2:]
+    if (x.device.type != "cpu" or torch.compiler.is_compiling() or x.dtype not in (torch.float32, torch.float64)
+            or h % 2 or w % 2):
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+    return _Pool.apply(x)
+
+
+class AvgPool2x2(nn.Module):
+    """`nn.AvgPool2d(kernel_size=2, stride=2)` through `avg_pool_2x2`; no parameters, so state dicts match."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return avg_pool_2x2(x)
