@@ -48,7 +48,8 @@ def _nets(channels: int, size: int, width: int):
 
 
 def _workload(p: dict, net):
-    """A function that runs the row's work once on `net` and returns what it computed."""
+    """A function that runs the row's work once on `net` (for a "pool" row, on its first pooling layer) and
+    returns what it computed."""
     import torch
 
     from pad_ray.augment import dsa_if
@@ -56,7 +57,6 @@ def _workload(p: dict, net):
     from pad_ray.evaluate import SyntheticSet, train_on
     from pad_ray.matching import plan_steps, unrolled_gradients
     from pad_ray.models import FlatParams
-    from pad_ray.pooling import avg_pool_2x2
 
     gen = torch.Generator().manual_seed(1)
     n, c, size, width = p["images"], p["channels"], p["size"], p["width"]
@@ -64,7 +64,7 @@ def _workload(p: dict, net):
         pooled = 32 if size == 28 else size  # the first block's maps: 28x28 inputs are padded to 32
         x = torch.randn(n, width, pooled, pooled, generator=gen, requires_grad=True)
         grad = torch.randn(n, width, pooled // 2, pooled // 2, generator=gen)
-        pool = avg_pool_2x2 if net == "fast" else (lambda t: torch.nn.functional.avg_pool2d(t, 2, 2))
+        pool = net.features[3]  # conv, norm, ReLU, then the first block's pooling
         return lambda: torch.autograd.grad(pool(x), x, grad)[0]
     images, labels = torch.randn(n, c, size, size, generator=gen), torch.randn(n, 10, generator=gen)
     if p["what"] == "evaluation":
@@ -95,11 +95,8 @@ def child(p: dict) -> dict:
 
     common.set_threads(p["threads"])
     keep_freed_memory_in_heap()  # as every CPU stage of pad_ray runs
-    if p["what"] == "pool":
-        runs = {"fast": _workload(p, "fast"), "library": _workload(p, "library")}
-    else:
-        fast, library = _nets(p["channels"], p["size"], p["width"])
-        runs = {"fast": _workload(p, fast), "library": _workload(p, library)}
+    fast, library = _nets(p["channels"], p["size"], p["width"])
+    runs = {"fast": _workload(p, fast), "library": _workload(p, library)}
     same = torch.equal(runs["fast"](), runs["library"]())  # also the warm-up
     times: dict[str, list[float]] = {"fast": [], "library": []}
     for _ in range(p["rounds"]):
