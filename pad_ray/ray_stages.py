@@ -39,7 +39,10 @@ from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 # Ray Train's print patch (Ray 2.60 here) sends a worker's print both to stdout and through its logger to stdout, so
 # every tqdm_ray state reached the driver twice, and the second copy of a bar's "closed" state opened the bar
 # again for good: finished expert bars were redrawn around every driver print until the sweep ended.
-WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Ray Train's preemption watcher (on by default in 2.60) is one more actor per run that only logs node drains, and
+# its start printed an error-level line at every expert run (ray#53727); an expert killed with its node resumes
+# from its last epoch through Train's failure handling either way.
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def init_ray() -> ray.RayContext:

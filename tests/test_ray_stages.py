@@ -135,6 +135,7 @@ def test_killed_worker_loses_at_most_its_current_epoch(local_ray_with_state_api,
             killed_at = len(partial["run"]["snapshots"]) - 1
             workers = local_ray_with_state_api.actor_pids("RayTrainWorker")  # this test's, from its cluster's state API
             assert len(workers) == 2
+            assert local_ray_with_state_api.actor_pids("PreemptionWatcher") == []  # pad_ray's workers run without it
             for pid in workers:
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)  # polling the store for a real checkpoint, not waiting for one
