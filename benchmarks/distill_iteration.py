@@ -2,7 +2,8 @@
 and the authors' released code on the same rows in the same invocation.
 
     python3 benchmarks/distill_iteration.py [--quick | --paper | --narrow]
-        [--paths unrolled,constant_memory,auto,auto:target] [--rows 0,2] [--pad-root DIR] [--no-reference]
+        [--paths unrolled,constant_memory,auto,auto:target] [--rows 0,2] [--rounds R] [--pad-root DIR]
+        [--no-reference]
 
 One iteration = `plan_steps` (minibatches and DSA draws) + the gradient path
 (`pad_ray.matching.gradient_path`: unrolled, two-pass or auto) on the CIFAR-10 ConvNet
@@ -38,7 +39,10 @@ $PAD_ROOT, else the harness's own default), as does its plain forward+backward; 
 (N 80, which does not fit its memory) is compared with its time extrapolated linearly in N from the two
 largest N it has at the same IPC and batch, run in this invocation for that. Rows are compared only
 with reference figures from the same invocation. Where the authors' code cannot run, the
-reason is recorded and no ratio is given.
+reason is recorded and no ratio is given. `--rounds R` measures each row R times, the reference first in
+each round and every path against the reference of its own round; a path's reported row is its round with
+the median ratio, and every round's times and ratios are kept beside it (`rounds`, `time_vs_ref_range`).
+On a VM whose speed drifts between processes, one round's ratio says little.
 """
 
 from __future__ import annotations
@@ -250,13 +254,15 @@ def narrow(args) -> int:
 
 
 def _predicted_peak(rows: list[dict], label: str, ipc: int, batch: int, steps: int) -> float | None:
-    """Linear fit of peak memory in N from the measured rows of the same path, IPC and batch."""
-    known = sorted((r["steps"], r["peak_bytes"]) for r in rows
-                   if r.get("label") == label and r.get("ipc") == ipc and r.get("batch") == batch
-                   and "peak_bytes" in r)
-    if len(known) < 2:
+    """Linear fit of peak memory in N from the measured rows of the same path, IPC and batch (the largest
+    peak of each N, which several rounds measure more than once)."""
+    peaks: dict[int, int] = {}
+    for r in rows:
+        if r.get("label") == label and r.get("ipc") == ipc and r.get("batch") == batch and "peak_bytes" in r:
+            peaks[r["steps"]] = max(peaks.get(r["steps"], 0), r["peak_bytes"])
+    if len(peaks) < 2:
         return None
-    (n0, m0), (n1, m1) = known[-2], known[-1]
+    (n0, m0), (n1, m1) = sorted(peaks.items())[-2:]
     return m1 + (m1 - m0) / (n1 - n0) * (steps - n1)
 
 
@@ -332,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--narrow", action="store_true", help="IPC 1 / 10 at N 20 on a width-16 net: per-op overhead")
     parser.add_argument("--pad-root", default=None, help="export of the authors' code for the reference harness")
     parser.add_argument("--no-reference", action="store_true", help="do not run the authors' code")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each row this many times, each path against the reference run just before it; "
+                             "report the round with the median ratio")
     parser.add_argument("--merge", action="store_true",
                         help="keep rows of earlier results that this invocation does not measure")
     args = parser.parse_args(argv)
@@ -358,56 +367,22 @@ def main(argv: list[str] | None = None) -> int:
     if not meta["reference_unavailable"]:
         meta["reference_plain"] = run_reference(REFERENCE_PLAIN, args, 0)
     for ipc, batch, steps, repeats in rows_spec:
-        for ref_steps in ([] if meta["reference_unavailable"] else _reference_steps(ipc, batch, steps)):
-            if (ipc, batch, ref_steps) not in refs:
-                refs[(ipc, batch, ref_steps)] = run_reference(_reference_name(ipc, batch, ref_steps), args, repeats)
-                print(f"reference ipc {ipc} N {ref_steps}: " + (refs[(ipc, batch, ref_steps)].get("error") or
-                      f"{refs[(ipc, batch, ref_steps)]['median_s']:.3f} s/iter"), flush=True)
-        for label, gradient, budget in paths:
-            payload = {**model, "allocator": args.allocator, "label": label, "path": gradient, "ipc": ipc,
-                       "batch": batch, "steps": steps, "repeats": repeats,
-                       "alpha": 0.25, "selection": "depth",
-                       "dsa": True, "threads": args.threads, "plain_repeats": 5,
-                       "count_full": steps <= 20 and ipc == 1 or args.quick}
-            skipped = None
-            if budget == "target":
-                constant = next((r for r in results if r.get("label") == "constant_memory" and "peak_gb" in r
-                                 and (r["ipc"], r["batch"], r["steps"]) == (ipc, batch, steps)), None)
-                if (ipc, batch, steps) not in TARGET_PEAK_GB or constant is None:
-                    skipped = "no peak target, or no constant-memory peak on this row in this invocation"
-                else:
-                    payload["budget_gb"] = TARGET_PEAK_GB[(ipc, batch, steps)] - constant["peak_gb"]
-            elif budget is not None:
-                payload["budget_gb"] = float(budget)
-            predicted = _predicted_peak(results, label, ipc, batch, steps)
-            limit = common.memory_available_bytes() * 0.85
-            gpu_total = next((r.get("device_memory_total") for r in results if r.get("device_memory_total")), None)
-            if gpu_total:
-                limit = 0.9 * gpu_total
-            if predicted is not None and predicted > limit:
-                skipped = (f"predicted peak {predicted / common.GB:.1f} GB exceeds {limit / common.GB:.1f} GB "
-                           "available")
-            if skipped:
-                print(f"{label} ipc {ipc} N {steps}: skipped ({skipped})", flush=True)
-                results.append({**payload, "skipped": skipped})
-                continue
-            row = common.run_child(__file__, payload, timeout_s=1800, env=common.allocator_env(args.allocator))
-            ref = reference_time(refs, ipc, batch, steps)
-            if ref and "s_per_iter" in row:
-                row["ref_s_per_iter"], row["ref_peak_gb"], row["ref_extrapolated"] = ref
-                row["time_vs_ref"] = row["s_per_iter"] / ref[0]
-                if ref[1]:
-                    row["memory_vs_ref"] = row["peak_gb"] / ref[1]
-            results.append(row)
-            if "error" in row:
-                print(f"{label} ipc {ipc} N {steps}: ERROR {row['error']}", flush=True)
-            else:
-                print(f"{label} ipc {ipc} batch {batch} N {steps}: {row['s_per_iter']:.3f} s/iter, "
-                      f"kept {row['kept_steps']}, peak {row['peak_gb']:.2f} GB, "
-                      f"{row['fraction_of_plain']:.0%} of plain fwd+bwd "
-                      f"({row['gflops_per_s']:.1f} vs {row['plain_gflops_per_s']:.1f} GFLOP/s), "
-                      f"load {common.load_average()}", flush=True)
-    meta["reference_rows"] = [{"row": list(key), **value} for key, value in refs.items()]
+        by_label: dict[str, list[dict]] = {}
+        for round_ in range(args.rounds):
+            for ref_steps in ([] if meta["reference_unavailable"] else _reference_steps(ipc, batch, steps)):
+                key = (round_, ipc, batch, ref_steps)
+                if key not in refs:
+                    refs[key] = run_reference(_reference_name(ipc, batch, ref_steps), args, repeats)
+                    print(f"reference ipc {ipc} N {ref_steps}{_round_note(round_, args.rounds)}: " +
+                          (refs[key].get("error") or f"{refs[key]['median_s']:.3f} s/iter"), flush=True)
+            round_refs = {k[1:]: v for k, v in refs.items() if k[0] == round_}
+            for label, gradient, budget in paths:
+                earlier = results + [r for rows in by_label.values() for r in rows]
+                row = measure(args, model, label, gradient, budget, (ipc, batch, steps, repeats), earlier, round_refs)
+                row["round"] = round_
+                by_label.setdefault(label, []).append(row)
+        results += [_median_round(rows) for rows in by_label.values()]
+    meta["reference_rows"] = [{"round": key[0], "row": list(key[1:]), **value} for key, value in refs.items()]
 
     if args.merge:
         earlier = common.read_results(name, args.quick)
@@ -430,6 +405,75 @@ def main(argv: list[str] | None = None) -> int:
     out = common.write_results(name, args.quick, meta, sorted(results, key=_order), summary)
     print(f"\nwrote {out}")
     return 0
+
+
+def _round_note(round_: int, rounds: int) -> str:
+    return f" (round {round_ + 1} of {rounds})" if rounds > 1 else ""
+
+
+def measure(args, model: dict, label: str, gradient: str, budget: str | None, row_spec: tuple,
+            earlier: list[dict], refs: dict) -> dict:
+    """One path on one row in a fresh child process, with its ratios to the reference of the same round
+    (`earlier`: the rows measured before it, for a budget from the constant-memory peak and a predicted peak)."""
+    ipc, batch, steps, repeats = row_spec
+    payload = {**model, "allocator": args.allocator, "label": label, "path": gradient, "ipc": ipc,
+               "batch": batch, "steps": steps, "repeats": repeats,
+               "alpha": 0.25, "selection": "depth",
+               "dsa": True, "threads": args.threads, "plain_repeats": 5,
+               "count_full": steps <= 20 and ipc == 1 or args.quick}
+    skipped = None
+    if budget == "target":
+        constant = next((r for r in earlier if r.get("label") == "constant_memory" and "peak_gb" in r
+                         and (r["ipc"], r["batch"], r["steps"]) == (ipc, batch, steps)), None)
+        if (ipc, batch, steps) not in TARGET_PEAK_GB or constant is None:
+            skipped = "no peak target, or no constant-memory peak on this row in this invocation"
+        else:
+            payload["budget_gb"] = TARGET_PEAK_GB[(ipc, batch, steps)] - constant["peak_gb"]
+    elif budget is not None:
+        payload["budget_gb"] = float(budget)
+    predicted = _predicted_peak(earlier, label, ipc, batch, steps)
+    limit = common.memory_available_bytes() * 0.85
+    gpu_total = next((r.get("device_memory_total") for r in earlier if r.get("device_memory_total")), None)
+    if gpu_total:
+        limit = 0.9 * gpu_total
+    if predicted is not None and predicted > limit:
+        skipped = f"predicted peak {predicted / common.GB:.1f} GB exceeds {limit / common.GB:.1f} GB available"
+    if skipped:
+        print(f"{label} ipc {ipc} N {steps}: skipped ({skipped})", flush=True)
+        return {**payload, "skipped": skipped}
+    row = common.run_child(__file__, payload, timeout_s=1800, env=common.allocator_env(args.allocator))
+    ref = reference_time(refs, ipc, batch, steps)
+    if ref and "s_per_iter" in row:
+        row["ref_s_per_iter"], row["ref_peak_gb"], row["ref_extrapolated"] = ref
+        row["time_vs_ref"] = row["s_per_iter"] / ref[0]
+        if ref[1]:
+            row["memory_vs_ref"] = row["peak_gb"] / ref[1]
+    if "error" in row:
+        print(f"{label} ipc {ipc} N {steps}: ERROR {row['error']}", flush=True)
+    else:
+        print(f"{label} ipc {ipc} batch {batch} N {steps}: {row['s_per_iter']:.3f} s/iter"
+              + (f" ({row['time_vs_ref']:.3f}x the reference)" if "time_vs_ref" in row else "")
+              + f", kept {row['kept_steps']}, peak {row['peak_gb']:.2f} GB, "
+              f"{row['fraction_of_plain']:.0%} of plain fwd+bwd "
+              f"({row['gflops_per_s']:.1f} vs {row['plain_gflops_per_s']:.1f} GFLOP/s), "
+              f"load {common.load_average()}", flush=True)
+    return row
+
+
+def _median_round(rows: list[dict]) -> dict:
+    """A path's row over its rounds: the round with the median ratio to the reference (the upper one of an
+    even count; by s/iter where there is no reference), with every round's figures beside it. Each round
+    divides by the reference run just before it, so a machine that drifts between rounds moves both."""
+    timed = [r for r in rows if "s_per_iter" in r]
+    if len(rows) == 1 or not timed:
+        return rows[0]
+    ranked = sorted(timed, key=lambda r: r.get("time_vs_ref", r["s_per_iter"]))
+    chosen = dict(ranked[len(ranked) // 2])
+    chosen["rounds"] = [{k: r.get(k) for k in ("round", "s_per_iter", "ref_s_per_iter", "time_vs_ref", "peak_gb")}
+                        for r in timed]
+    if all("time_vs_ref" in r for r in timed):
+        chosen["time_vs_ref_range"] = [ranked[0]["time_vs_ref"], ranked[-1]["time_vs_ref"]]
+    return chosen
 
 
 def _reference_steps(ipc: int, batch: int, steps: int) -> list[int]:
