@@ -41,8 +41,9 @@ largest N it has at the same IPC and batch, run in this invocation for that. Row
 with reference figures from the same invocation. Where the authors' code cannot run, the
 reason is recorded and no ratio is given. `--rounds R` measures each row R times, the reference first in
 each round and every path against the reference of its own round; a path's reported row is its round with
-the median ratio, and every round's times and ratios are kept beside it (`rounds`, `time_vs_ref_range`).
-On a VM whose speed drifts between processes, one round's ratio says little.
+the median ratio, and every round's times and ratios are kept beside it (`rounds`, `time_vs_ref_range`), with
+the ratio of the median times (`median_time_vs_median_ref`). On a VM whose speed drifts between processes, one
+round's ratio says little, and where the two summaries disagree the drift is larger than the difference measured.
 """
 
 from __future__ import annotations
@@ -473,6 +474,10 @@ def _median_round(rows: list[dict]) -> dict:
                         for r in timed]
     if all("time_vs_ref" in r for r in timed):
         chosen["time_vs_ref_range"] = [ranked[0]["time_vs_ref"], ranked[-1]["time_vs_ref"]]
+        # The other summary of the same rounds: where the two disagree, the machine drifted by more than the
+        # margin a target leaves.
+        chosen["median_time_vs_median_ref"] = (common.median([r["s_per_iter"] for r in timed])
+                                               / common.median([r["ref_s_per_iter"] for r in timed]))
     return chosen
 
 
