@@ -56,7 +56,7 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic: str | Non
 
             chosen = for_evaluation(source, data, tracking_uri)
         return local_stages.final_evaluation(cfg, data, chosen, device)
-    if cfg.resources.workers > 0:
+    if cfg.resources.workers > 0 and _store_lacks(stage, cfg):
         order, trajectories = _experts_on_ray(stage, cfg, data)
     else:
         order = local_stages.difficulty_order(cfg, data, device)
@@ -93,6 +93,16 @@ def _controls(cfg: RunConfig, data, trajectories: list, device, evaluation: dict
         mean, std = Scores.summary(tests)
         scored[kind] = {"test_mean": mean, "test_std": std, "sets": draws, "lead": best - mean}
     return scored
+
+
+def _store_lacks(stage: str, cfg: RunConfig) -> bool:
+    """Whether the stage has scores or experts to make. Only then is Ray worth starting: a local Ray takes
+    seconds and a cluster's processes, and a rerun of `pad-ray distill` on a complete store needs none."""
+    from pad_ray.trajectories import DifficultyCache, TrajectoryStore
+
+    if DifficultyCache(cfg.store_dir, cfg).load() is None:
+        return True
+    return stage != "scores" and bool(TrajectoryStore(cfg.store_dir, cfg).missing(cfg.experts.num_experts))
 
 
 def _experts_on_ray(stage: str, cfg: RunConfig, data) -> tuple[list, list]:

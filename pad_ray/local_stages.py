@@ -115,7 +115,7 @@ def ensure_experts(cfg: RunConfig, data: datasets.Dataset, order: list[torch.Ten
     check_schedule(order, cfg.schedule, cfg.experts.epochs)
     store = TrajectoryStore(cfg.store_dir, cfg)
     missing = store.missing(cfg.experts.num_experts)
-    splits = ExpertSplits.of(data, device)
+    splits = ExpertSplits.of(data, device) if missing else None  # on a GPU, a copy of the data for nothing
     for index in tqdm(missing, desc="experts", disable=not progress or not missing):
         produce_expert(cfg, store, index, splits, order, data.num_classes, device)
     return [store.load(i) for i in range(cfg.experts.num_experts)]

@@ -25,6 +25,38 @@ def _write(tmp_path, text):
     return path
 
 
+class RayStarted(Exception):
+    pass
+
+
+def test_stages_start_ray_only_for_what_the_store_lacks(tmp_path, mnist_root, monkeypatch):
+    """With Ray workers configured, a stage starts Ray for the scores or experts its store lacks, and not at
+    all once the store has them: a rerun of `pad-ray distill` pays no local Ray's start."""
+    from pad_ray import ray_stages
+    from pad_ray.config import with_absolute_paths
+
+    from conftest import tiny_config
+
+    def refuse():
+        raise RayStarted
+
+    monkeypatch.setattr(ray_stages, "init_ray", refuse)
+    data = {"root": str(mnist_root), "train_per_class": 10, "test_size": 50}
+    on_ray = with_absolute_paths(tiny_config(tmp_path, data=data, resources={"workers": 2}))
+    local = on_ray.model_copy(update={"resources": on_ray.resources.model_copy(update={"workers": 0})})
+    out = tmp_path / "run"
+    for stage in ("scores", "distill"):
+        with pytest.raises(RayStarted):
+            cli.run_stage(stage, on_ray, out)
+    assert cli.run_stage("scores", local, out)["samples"] > 0
+    assert cli.run_stage("scores", on_ray, out)["samples"] > 0  # scores stored: no Ray
+    with pytest.raises(RayStarted):  # experts still missing
+        cli.run_stage("distill", on_ray, out)
+    assert cli.run_stage("experts", local, out)["experts"] == on_ray.experts.num_experts
+    result = cli.run_stage("distill", on_ray, out)
+    assert result["iterations"] == on_ray.distill.iterations and (out / "synthetic_best.npz").is_file()
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
