@@ -7,7 +7,8 @@ from tqdm.auto import tqdm
 from conftest import tiny_config
 from pad_ray import files
 from pad_ray.config import ConfigError
-from pad_ray.distill import Best, Distiller, DivergenceError, distill
+from pad_ray.distill import Best, Distiller, DivergenceError, _correct_first, _logits, distill
+from pad_ray.models import FlatParams, seeded_model
 
 CPU = torch.device("cpu")
 
@@ -36,6 +37,42 @@ def test_initial_set_is_class_contiguous_and_correctly_predicted(tiny):
         match = (data.train.images == image).flatten(1).all(dim=1)
         assert data.train.labels[match].tolist() == [label.item()]
     assert d.syn_lr.item() == pytest.approx(cfg.distill.lr_teacher)
+
+
+def _correct_first_over_whole_class(net, finals, images, members, label, ipc):
+    """The rule on every member's logits at once: each expert in turn adds the correctly predicted members
+    not yet picked, in `members`' order, then the rest fill up."""
+    picked, remaining = [], torch.ones(len(members), dtype=torch.bool)
+    for final in finals:
+        correct = (_logits(net, final, images[members]).argmax(dim=1) == label) & remaining
+        take = torch.nonzero(correct).flatten()[: ipc - len(picked)]
+        picked += take.tolist()
+        remaining[take] = False
+    fill = torch.nonzero(remaining).flatten()[: ipc - len(picked)].tolist()
+    return members[picked + fill]
+
+
+@pytest.mark.parametrize("ipc", [1, 40, 300, 700])
+def test_correct_first_scans_only_until_it_has_ipc_and_picks_as_the_whole_class_would(ipc):
+    """Untrained experts on noise: the first gets 2% of class 2 right, the others about 75%, so larger `ipc`
+    need more batches and more experts, and at 700 (the whole class) members no expert gets right."""
+    cfg = tiny_config()
+    net = FlatParams(seeded_model(cfg.model, 1, 3, 8, 0))
+    finals = [FlatParams(seeded_model(cfg.model, 1, 3, 8, seed)).flatten() for seed in (1, 2, 3)]
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(900, 1, 8, 8, generator=gen)
+    members = torch.randperm(900, generator=gen)[:700]
+    forwarded = []
+    forward = net.forward
+    net.forward = lambda flat, x: forwarded.append(len(x)) or forward(flat, x)
+    got = _correct_first(net, finals, images, members, 2, ipc, CPU)
+    net.forward = forward
+
+    assert torch.equal(got, _correct_first_over_whole_class(net, finals, images, members, 2, ipc))
+    assert len(set(got.tolist())) == ipc
+    whole = len(finals) * len(members)
+    assert sum(forwarded) < whole if ipc < len(members) else sum(forwarded) == whole
+    assert ipc != 1 or forwarded == [256]  # the first batch of the first expert holds one
 
 
 def test_real_init_takes_the_first_experts_raw_logits_as_the_released_code_does(tiny):
