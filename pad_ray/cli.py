@@ -56,7 +56,10 @@ def run_stage(stage: str, cfg: RunConfig, out: Path | None, synthetic: str | Non
 
             chosen = for_evaluation(source, data, tracking_uri)
         return local_stages.final_evaluation(cfg, data, chosen, device)
-    if cfg.resources.workers > 0 and _store_lacks(stage, cfg):
+    stored = _from_store(stage, cfg)
+    if stored is not None:
+        order, trajectories = stored
+    elif cfg.resources.workers > 0:
         order, trajectories = _experts_on_ray(stage, cfg, data)
     else:
         order = local_stages.difficulty_order(cfg, data, device)
@@ -95,14 +98,20 @@ def _controls(cfg: RunConfig, data, trajectories: list, device, evaluation: dict
     return scored
 
 
-def _store_lacks(stage: str, cfg: RunConfig) -> bool:
-    """Whether the stage has scores or experts to make. Only then is Ray worth starting: a local Ray takes
-    seconds and a cluster's processes, and a rerun of `pad-ray distill` on a complete store needs none."""
+def _from_store(stage: str, cfg: RunConfig) -> tuple[list, list] | None:
+    """The order and experts the stage needs when the store holds them all, else None. Ray starts only for
+    what is missing: a local Ray takes seconds and a cluster's processes, and a rerun of `pad-ray distill` on a
+    complete store needs none. Each expert file is hashed once to check it and once to load it, as on the
+    paths that train."""
     from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
-    if DifficultyCache(cfg.store_dir, cfg).load() is None:
-        return True
-    return stage != "scores" and bool(TrajectoryStore(cfg.store_dir, cfg).missing(cfg.experts.num_experts))
+    order = DifficultyCache(cfg.store_dir, cfg).load()
+    if order is None or stage == "scores":
+        return None if order is None else (order, [])
+    store = TrajectoryStore(cfg.store_dir, cfg)
+    if store.missing(cfg.experts.num_experts):
+        return None
+    return order, [store.load(i) for i in range(cfg.experts.num_experts)]
 
 
 def _experts_on_ray(stage: str, cfg: RunConfig, data) -> tuple[list, list]:
