@@ -74,6 +74,15 @@ def results_table(results, sweep: SweepConfig, partial: bool = False) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def printable(table: pd.DataFrame) -> pd.DataFrame:
+    """The results table as the sweep prints it: without the long MLflow columns (they are in results.csv), and
+    without per-architecture columns that repeat `final_test_accuracy` or `final_test_std` (the first
+    architecture's, which is all of them when one is evaluated)."""
+    repeats = [column for column in table.columns if column.startswith(("final_test_accuracy/", "final_test_std/"))
+               and table[column].equals(table[column.split("/", 1)[0]])]
+    return table.drop(columns=[c for c in ("mlflow_run_id", "distilled_set_uri") if c in table] + repeats)
+
+
 def ranked_table(results, sweep: SweepConfig, partial: bool = False) -> pd.DataFrame:
     """The results table ranked by validation within each group (IPC): trials of different IPCs are never
     compared."""
@@ -207,7 +216,7 @@ def _summarize(table: pd.DataFrame, tops: list[Top], controls: list[dict[str, li
     out.mkdir(parents=True, exist_ok=True)
     groups = list(sweep.group_by)
     table = _with_mlflow_runs(table, sweep, client, parent_run_id)
-    print(table.drop(columns=["mlflow_run_id", "distilled_set_uri"]).to_string(index=False))
+    print(printable(table).to_string(index=False))
     written = [out / "results.csv"]
     table.to_csv(written[0], index=False)
     # The parent run's own metrics, so that its charts in MLflow say how each IPC went.
