@@ -106,8 +106,10 @@ def _from_store(stage: str, cfg: RunConfig) -> tuple[list, list] | None:
     from pad_ray.trajectories import DifficultyCache, TrajectoryStore
 
     order = DifficultyCache(cfg.store_dir, cfg).load()
-    if order is None or stage == "scores":
-        return None if order is None else (order, [])
+    if order is None:
+        return None
+    if stage == "scores":
+        return order, []
     store = TrajectoryStore(cfg.store_dir, cfg)
     if store.missing(cfg.experts.num_experts):
         return None
