@@ -61,6 +61,11 @@ class AshaConfig(Section):
     # A trial competes only with trials that share its values of these space keys: an IPC 50 set
     # always scores above an IPC 1 set, so one pool would stop every small-IPC trial early.
     group_by: tuple[str, ...] = ("ipc",)
+    # Tune's ASHA judges a trial against those that reached a rung before it, so timing decides close calls
+    # and two runs of one sweep can stop different trials. true: judged in trial order (a trial that gets
+    # ahead of an earlier one is paused at the rung until that one catches up or ends), the same every run.
+    # A paused trial frees its resources for the next trial, but counts against max_concurrent_trials.
+    repeatable: bool = False
 
 
 class SearchConfig(Section):
@@ -262,6 +267,9 @@ def _search_problems(sweep: SweepConfig) -> list[str]:
     if sweep.search.max_concurrent is not None and kind != "optuna":
         problems.append(f"search.max_concurrent: only search.kind optuna takes it; {kind} runs "
                         "max_concurrent_trials at once")
+    if sweep.asha.repeatable and kind == "optuna":
+        problems.append("asha.repeatable: search.kind optuna suggests trials from the scores that have arrived, "
+                        "so its trials differ between runs whatever the rungs do; use grid or random, or drop it")
     if kind != "grid":
         # A list means a grid everywhere; sampling it would silently change what the file says.
         problems += [f"space.{key}: a list is a grid, which search.kind {kind} cannot sample; write "

@@ -160,7 +160,8 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
             tune_config=tune.TuneConfig(
                 scheduler=GroupedASHA(sweep.group_by, max_t, metric=sweep.asha.metric, mode=sweep.asha.mode,
                                       grace_period=sweep.asha.grace_period,
-                                      reduction_factor=sweep.asha.reduction_factor),
+                                      reduction_factor=sweep.asha.reduction_factor,
+                                      repeatable=sweep.asha.repeatable),
                 num_samples=_tune_samples(sweep), search_alg=_search_alg(sweep, seed),
                 reuse_actors=sweep.reuse_actors),
             run_config=tune.RunConfig(

@@ -152,6 +152,43 @@ def test_two_ipcs_stop_early_only_within_their_ipc_and_each_gets_its_best_config
     assert not (out / "best_config.yaml").exists()
 
 
+@pytest.mark.slow
+def test_repeatable_asha_pauses_a_trial_that_gets_ahead_and_resumes_it_from_its_rung(
+        sweep_home, ray_cluster, warm_store, tmp_path):
+    """The pause and resume through Tune, the trainable and MLflow; which trials the rungs stop is
+    tests/test_scheduling.py's (against Tune's own ASHA, over many orders of arrival)."""
+    sweep = light_smoke_sweep()
+    sweep["name"] = "ordered"
+    # Trial 0 evaluates 50 times longer than trials 1 and 2, so they reach the first rung well before it. On
+    # the evaluation's iteration all trials tie at each rung, and ASHA stops only below the cutoff: nobody is
+    # stopped, and a later trial waits at a rung (evaluations 1 and 2 of 3) until trial 0 is there.
+    sweep["space"] = {"evaluate.epochs": [1000, 20, 21]}
+    sweep["base"]["distill"].update(iterations=12)
+    sweep["base"]["evaluate"].update(num_nets=1)
+    sweep["asha"].update(metric="iteration", repeatable=True)
+    sweep["max_concurrent_trials"] = 0  # a waiting trial's CPU takes trial 2 (Tune's limit counts paused trials)
+    sweep["controls"] = {"random_subsets": 0, "starting_set": False}
+    path = tmp_path / "ordered.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    result = subprocess.run(sweep_command(path), capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    trials = sorted(tune_trials(sweep_home, "ordered").values(), key=lambda t: t["number"])
+    assert [t["params"]["evaluate.epochs"] for t in trials] == [1000, 20, 21]
+    for number, trial in enumerate(trials):
+        assert [r["training_iteration"] for r in trial["results"]] == [1, 2, 3], number
+        # Tune counts a trial's reports since its last restore: trials 1 and 2 waited at the first rung (some
+        # 25 s before trial 0 got there) and went on from its checkpoint; whether they got to the second rung
+        # first depends on how long that took.
+        since_restore = [r["iterations_since_restore"] for r in trial["results"]]
+        assert since_restore in ([[1, 2, 3]] if number == 0 else [[1, 1, 1], [1, 1, 2]]), (number, since_restore)
+    client, runs, _ = children(sweep_home, "ordered")
+    assert len(runs) == 3
+    for run in runs:  # each step logged once, none missing, across the waits
+        assert assert_each_step_once(client, run) == 3
+        assert run.data.tags["stopped_early"] == "false" and "final_test_accuracy" in run.data.metrics
+
+
 def _nan_sweep(tmp_path: Path) -> Path:
     sweep = light_smoke_sweep()
     sweep["name"] = "nan"
