@@ -119,6 +119,9 @@ class OrderedASHA:
                 return
             trial, rung, score = self.waiting.pop(ready)
             if self._judge(ready, rung, score) == TrialScheduler.STOP:
+                # Tune marks the result it stops a running trial on as its last (`done`); a paused trial's last
+                # result is the rung's, and without the mark the sweep's report would count it as interrupted.
+                trial.last_result["done"] = True
                 tune_controller.stop_trial(trial)
 
     def debug_string(self) -> str:

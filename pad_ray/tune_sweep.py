@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -27,6 +28,26 @@ from pad_ray.sweep_config import (REPEAT, SweepConfig, evaluations_by_group, fin
 from pad_ray.trial import pad_trial
 
 PARENT_RUN_ENV = "PAD_RAY_MLFLOW_PARENT_RUN"
+
+
+class _LocalRecordFirst:
+    """Tune's JSON and CSV loggers copy a trial's stored record over the driver's local one whenever the
+    trial starts from a checkpoint. The stored copy follows the experiment state's syncs, not a trial's
+    pause, so a trial that waited at a rung (asha.repeatable) lost the reports made since the last sync.
+    In one driver session the local record is the latest; only a resumed sweep (a new session, with no
+    local record yet) needs the stored one."""
+
+    def _restore_from_remote(self, file_name: str, trial) -> None:
+        if not Path(trial.local_path, file_name).exists():
+            super()._restore_from_remote(file_name, trial)
+
+
+class JsonRecord(_LocalRecordFirst, JsonLoggerCallback):
+    pass
+
+
+class CsvRecord(_LocalRecordFirst, CSVLoggerCallback):
+    pass
 
 
 def _load_splits(sweep: SweepConfig) -> dict[int, Dataset]:
@@ -166,7 +187,7 @@ def run_sweep(sweep: SweepConfig, rerun_as: rerun.Rerun = None) -> SweepRun:
                 reuse_actors=sweep.reuse_actors),
             run_config=tune.RunConfig(
                 name=sweep.name, storage_path=sweep.storage_path,
-                callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],
+                callbacks=[callback, JsonRecord(), CsvRecord()],
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
         )

@@ -189,8 +189,10 @@ def test_a_paused_trial_that_loses_at_its_rung_is_stopped_when_the_earlier_one_a
         scheduler.on_trial_add(controller, trial)
     assert _report_to(scheduler, controller, second, 1, 0.3) == TrialScheduler.PAUSE
     second.status = TuneTrial.PAUSED
+    second.last_result = {"training_iteration": 1, "val_accuracy": 0.3}
     assert _report_to(scheduler, controller, first, 1, 0.6) == TrialScheduler.CONTINUE
     assert second.status == TuneTrial.TERMINATED  # 0.3 is below the 0.6 "a" scored there first
+    assert second.last_result["done"]  # ended, not interrupted, as the sweep's report reads it
 
 
 def test_a_retried_trial_keeps_its_place_and_a_restored_one_holds_up_no_rung_it_has_passed():
