@@ -381,7 +381,18 @@ def describe(sweep: SweepConfig, source: str) -> str:
     sets = expert_set_plans(sweep)
     return "\n".join([
         f"plan of sweep {sweep.name} ({source}); nothing has been trained, started or written", trials,
-        _controls_line(sweep), *_expert_lines(sets), *_object_store_lines(sweep, sets), *_memory_lines(sweep)])
+        _stopping_line(sweep), _controls_line(sweep), *_expert_lines(sets), *_object_store_lines(sweep, sets),
+        *_memory_lines(sweep)])
+
+
+def _stopping_line(sweep: SweepConfig) -> str:
+    """How ASHA cuts trials short, and whether timing can change which (pad_ray.scheduling)."""
+    asha = sweep.asha
+    where = f"within each {' x '.join(sweep.group_by)}" if sweep.group_by else "over all trials"
+    how = ("judged in trial order (asha.repeatable), so every run stops the same trials" if asha.repeatable else
+           "judged as results arrive, so timing can decide close calls (asha.repeatable: true judges in trial order)")
+    return (f"early stopping: ASHA on {asha.metric} ({asha.mode}) {where}, from evaluation {asha.grace_period}, "
+            f"keeping 1 in {asha.reduction_factor:g} at each rung; {how}")
 
 
 def _controls_line(sweep: SweepConfig) -> str:

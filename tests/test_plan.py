@@ -85,6 +85,22 @@ def test_the_plan_counts_the_final_evaluations_the_controls_add(controls, line):
     assert plan._controls_line(sweep) == f"controls: {line}"
 
 
+@pytest.mark.parametrize("asha, line", [
+    ({"grace_period": 1, "reduction_factor": 2},
+     "ASHA on val_accuracy (max) within each ipc, from evaluation 1, keeping 1 in 2 at each rung; judged as results "
+     "arrive, so timing can decide close calls"),
+    ({"grace_period": 2, "reduction_factor": 3, "repeatable": True},
+     "ASHA on val_accuracy (max) within each ipc, from evaluation 2, keeping 1 in 3 at each rung; judged in trial "
+     "order (asha.repeatable), so every run stops the same trials")])
+def test_the_plan_says_how_early_stopping_judges(asha, line):
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["space"]["ipc"] = [1, 2]
+    raw["asha"] = asha
+    sweep, problems = check_sweep(raw)
+    assert not problems
+    assert plan._stopping_line(sweep).startswith(f"early stopping: {line}")
+
+
 # -- the memory model ------------------------------------------------------------------------------------
 
 def test_memory_grows_with_steps_batch_and_ipc_on_both_paths():

@@ -164,7 +164,8 @@ def test_repeatable_asha_stops_the_same_trials_whatever_order_results_arrive_in(
 
 def test_repeatable_asha_does_not_wait_for_trials_that_ended_or_were_restored_finished():
     settings = {"metric": "val_accuracy", "mode": "max", "grace_period": 1, "reduction_factor": 2}
-    done, failing, waiting = Trial("a", {"ipc": 1}, TuneTrial.TERMINATED), Trial("b", {"ipc": 1}), Trial("c", {"ipc": 1})
+    done, failing, waiting = (Trial("a", {"ipc": 1}, TuneTrial.TERMINATED), Trial("b", {"ipc": 1}),
+                              Trial("c", {"ipc": 1}))
     scheduler = GroupedASHA(("ipc",), {(1,): 4}, repeatable=True, **settings)
     controller = Controller(scheduler, [done, failing, waiting])
     for trial in (done, failing, waiting):
