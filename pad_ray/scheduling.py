@@ -80,11 +80,17 @@ class OrderedASHA:
         self._release(tune_controller)
         return action
 
-    def end(self, tune_controller, trial) -> None:
+    def on_trial_complete(self, tune_controller, trial, result=None) -> None:
         """The trial reports no more (finished, stopped, failed or removed)."""
         self.ended.add(trial.trial_id)
         self.waiting.pop(trial.trial_id, None)
         self._release(tune_controller)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self.on_trial_complete(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self.on_trial_complete(tune_controller, trial)
 
     def may_run(self, trial) -> bool:
         return trial.trial_id not in self.waiting
@@ -106,7 +112,7 @@ class OrderedASHA:
                    if not math.isnan(self.recorded[rung].get(other, math.nan))]
         self.recorded[rung][trial_id] = score
         self.judged[trial_id] = rung
-        stop = earlier and score < np.nanpercentile(earlier, (1 - 1 / self.reduction_factor) * 100)
+        stop = bool(earlier) and score < np.percentile(earlier, (1 - 1 / self.reduction_factor) * 100)
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
     def _release(self, tune_controller) -> None:
@@ -164,22 +170,13 @@ class GroupedASHA(FIFOScheduler):
         return self._scheduler(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result):
-        scheduler = self._scheduler(trial)
-        if self.repeatable:
-            scheduler.end(tune_controller, trial)
-        else:
-            scheduler.on_trial_complete(tune_controller, trial, result)
+        self._scheduler(trial).on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller, trial):
-        scheduler = self._scheduler(trial)
-        if self.repeatable:
-            scheduler.end(tune_controller, trial)
-        else:
-            scheduler.on_trial_remove(tune_controller, trial)
+        self._scheduler(trial).on_trial_remove(tune_controller, trial)
 
     def on_trial_error(self, tune_controller, trial):
-        if self.repeatable:
-            self._scheduler(trial).end(tune_controller, trial)
+        self._scheduler(trial).on_trial_error(tune_controller, trial)
 
     def choose_trial_to_run(self, tune_controller):
         # FIFO's choice (new trials first, then paused ones), except a trial waiting for earlier ones.
